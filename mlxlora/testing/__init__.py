@@ -1,0 +1,1 @@
+"""Tiny models and tokenizers for tests and examples; no files, no network."""
