@@ -1,0 +1,1 @@
+"""Subcommands of the mlxlora CLI; each module defines a click command named ``command``."""

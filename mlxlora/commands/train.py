@@ -1,0 +1,22 @@
+"""`mlxlora train`: fine-tune a LoRA adapter."""
+
+import click
+
+from mlxlora.commands.options import config_options
+from mlxlora.config import resolve_config
+
+
+@click.command("train")
+@click.option("--recipe", type=click.Path(dir_okay=False), default=None,
+              help="YAML file of config values; flags given here override it.")
+@config_options()
+def command(recipe: str | None, **flags) -> None:
+    """Train a LoRA adapter on a JSONL dataset.
+
+    Values come from the built-in defaults, then --recipe, then these flags. The resolved
+    config and the source of every value are logged and saved in the output folder.
+    """
+    from mlxlora.trainer import train
+
+    resolved = resolve_config(recipe, flags)
+    train(resolved)

@@ -1,0 +1,169 @@
+"""Everything a training run prepares before its first step: model, data, adapter, optimizer."""
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+
+from mlxlora import blas
+from mlxlora.adapters import AdapterSpec, base_fingerprint
+from mlxlora.attach import attach_lora, parameter_counts, resolve_targets
+from mlxlora.batching import batch_indices
+from mlxlora.config import ResolvedConfig
+from mlxlora.data_formats import find_splits, read_examples
+from mlxlora.grad_checkpoint import enable_grad_checkpoint
+from mlxlora.hyperparams import choose_learning_rate, hyperparameter_warnings
+from mlxlora.loading import LoadedModel, load_model
+from mlxlora.prompt import encode_split
+from mlxlora.schedule import build_schedule, default_warmup
+from mlxlora.step import TrainStep
+
+logger = logging.getLogger("mlxlora")
+
+ADAM_STATE_FLOATS = 2
+
+
+@dataclass
+class Session:
+    resolved: ResolvedConfig
+    loaded: LoadedModel
+    spec: AdapterSpec
+    train_split: object
+    valid_split: object | None
+    optimizer: optim.Optimizer
+    step: TrainStep
+    total_steps: int
+    batches_per_epoch: int
+    learning_rate: float
+    schedule: object
+    group: object | None
+    run_dir: Path
+
+    @property
+    def config(self):
+        return self.resolved.config
+
+    @property
+    def is_main(self) -> bool:
+        return self.group is None or self.group.rank() == 0
+
+
+def configure_device() -> None:
+    """Raise the CPU buffer cache limit and log which BLAS and device MLX uses.
+
+    MLX's CPU default keeps few freed buffers, so every step reallocates its activations;
+    a larger cache made training steps 10-15% faster on CPU (mlx 0.32.4, 2-core x86_64).
+    """
+    device = mx.default_device()
+    if device == mx.cpu:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        mx.set_cache_limit(total // 4)
+        logger.info("device: CPU; BLAS: %s", blas.status)
+        if not blas.is_fast():
+            logger.warning("matrix multiplication uses the slow reference BLAS: %s", blas.status)
+    else:
+        logger.info("device: %s", device)
+
+
+def distributed_group():
+    """Return the mx.distributed group when launched with several processes, else None."""
+    if not mx.distributed.is_available():
+        return None
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
+def load_splits(config, tokenizer):
+    """Read, validate and encode train and valid splits; raise DataError before any compute."""
+    splits = find_splits(config.data)
+    encoded = {}
+    for name in ("train", "valid"):
+        if name not in splits:
+            continue
+        examples = read_examples(splits[name], config.prompt_key, config.completion_key)
+        encoded[name] = encode_split(examples, tokenizer, config)
+        logger.info("data %s: %s", name, encoded[name].describe())
+    return encoded["train"], encoded.get("valid")
+
+
+def count_steps(config, num_examples: int, world: int) -> tuple[int, int]:
+    """Return (total optimizer steps, batches per epoch)."""
+    batches_per_epoch = math.ceil(num_examples / config.batch_size)
+    if config.iters is not None:
+        return config.iters, batches_per_epoch
+    micro_batches = math.ceil(config.epochs * batches_per_epoch)
+    return max(1, math.ceil(micro_batches / config.grad_accumulation_steps)), batches_per_epoch
+
+
+def attach_adapter(config, loaded: LoadedModel) -> AdapterSpec:
+    model = loaded.model
+    fingerprint = base_fingerprint(model)
+    paths = resolve_targets(model, config.target_modules, config.layers)
+
+    mx.random.seed(config.seed)
+    attach_lora(model, paths, config.r, config.lora_alpha, config.lora_dropout,
+                config.use_rslora)
+    if config.grad_checkpoint:
+        enable_grad_checkpoint(model)
+    mx.eval(model.parameters())
+
+    return AdapterSpec(base_model=config.model, base_fingerprint=fingerprint, r=config.r,
+                       lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                       use_rslora=config.use_rslora, target_modules=paths, layers=config.layers)
+
+
+def log_parameters(model: nn.Module, spec: AdapterSpec) -> None:
+    total, trainable = parameter_counts(model)
+    base = total - trainable
+    saved_bytes = (base - trainable) * ADAM_STATE_FLOATS * 4
+    logger.info("LoRA on %d modules, r=%d, lora_alpha=%g, scaling=%.4g%s",
+                len(spec.target_modules), spec.r, spec.lora_alpha,
+                spec.lora_alpha / (spec.r ** 0.5 if spec.use_rslora else spec.r),
+                " (rsLoRA)" if spec.use_rslora else "")
+    logger.info("trainable parameters: %s of %s (%.3f%%); AdamW state %.1f MB instead of %.1f "
+                "MB for full fine-tuning (%.1f MB saved)", f"{trainable:,}", f"{base:,}",
+                100 * trainable / base, trainable * 8 / 1e6, base * 8 / 1e6, saved_bytes / 1e6)
+
+
+def prepare_session(resolved: ResolvedConfig, run_dir: Path) -> Session:
+    config = resolved.config
+    group = distributed_group()
+    world = group.size() if group else 1
+    configure_device()
+
+    loaded = load_model(config.model, dtype=config.dtype, dequantize=config.dequantize,
+                        trust_remote_code=config.trust_remote_code)
+    logger.info("model: %s (%s, %s%s)", config.model, loaded.config.get("model_type"),
+                loaded.dtype, ", quantized base: QLoRA" if loaded.quantized else "")
+
+    train_split, valid_split = load_splits(config, loaded.tokenizer)
+    spec = attach_adapter(config, loaded)
+    log_parameters(loaded.model, spec)
+
+    total_steps, batches_per_epoch = count_steps(config, len(train_split.examples), world)
+    hidden_size = loaded.config.get("hidden_size", 0)
+    model_type = loaded.config.get("model_type", "")
+    choice = choose_learning_rate(config.learning_rate, config.full_ft_lr, model_type, hidden_size)
+    logger.info("learning rate %.3g: %s", choice.value, choice.reason)
+    effective_batch = config.batch_size * config.grad_accumulation_steps
+    for warning in hyperparameter_warnings(choice.value, effective_batch, model_type, hidden_size):
+        logger.warning(warning)
+
+    warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup(total_steps)
+    schedule = build_schedule(choice.value, total_steps, config.lr_schedule, warmup,
+                              config.min_lr_ratio)
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
+    step = TrainStep(loaded.model, optimizer, config.max_grad_norm, group)
+
+    return Session(resolved, loaded, spec, train_split, valid_split, optimizer, step, total_steps,
+                   batches_per_epoch, choice.value, schedule, group, run_dir)
+
+
+def epoch_batches(session: Session, epoch: int) -> list[list[int]]:
+    lengths = [len(e.tokens) for e in session.train_split.examples]
+    return batch_indices(lengths, session.config.batch_size, session.config.seed, epoch)
