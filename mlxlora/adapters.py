@@ -29,6 +29,7 @@ class AdapterSpec:
 
     base_model: str
     base_fingerprint: str
+    base_signature: list[float]
     r: int
     lora_alpha: float
     lora_dropout: float
@@ -43,22 +44,64 @@ SPEC_FIELDS = {f.name for f in fields(AdapterSpec)}
 REQUIRED_FIELDS = {f.name for f in fields(AdapterSpec) if f.name not in ("format", "format_version")}
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """Return a short hash of the base model's parameter names, shapes and norm weights.
+def logical_parameters(model: nn.Module):
+    """Yield (path, shape, module) for base parameters as an unquantized float model has them.
 
-    Shapes alone cannot tell a base model from its fine-tune, so the hash also covers the
-    values of the normalisation weights, which are small and almost always differ between
-    checkpoints. LoRA parameters are left out.
+    LoRA parameters and quantization scales and biases are skipped; a quantized weight
+    reports its unpacked shape, so the same model loaded quantized or dequantized, in any
+    dtype, yields the same list.
     """
-    digest = hashlib.sha256()
+    modules = dict(model.named_modules())
     for path, value in sorted(tree_flatten(model.parameters())):
-        if ".lora_" in path:
+        owner_path, _, name = path.rpartition(".")
+        owner = modules.get(owner_path)
+        if ".lora_" in path or "." + name in (".lora_A", ".lora_B"):
             continue
-        stored_path = path.replace(".base.", ".")
-        digest.update(f"{stored_path}:{tuple(value.shape)}:{value.dtype};".encode())
-        if "norm" in stored_path:
-            digest.update(bytes(memoryview(value.astype(mx.float32))))
+        logical_path = path.replace(".base.", ".")
+        shape = tuple(value.shape)
+        if isinstance(owner, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            if name in ("scales", "biases"):
+                continue
+            if name == "weight":
+                shape = shape[:-1] + (shape[-1] * 32 // owner.bits,)
+        yield logical_path, shape, owner
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Return a short hash of the base model's parameter names and unpacked shapes."""
+    digest = hashlib.sha256()
+    for path, shape, _ in logical_parameters(model):
+        digest.update(f"{path}:{shape};".encode())
     return digest.hexdigest()[:16]
+
+
+def base_signature(model: nn.Module) -> list[float]:
+    """Return summary values of the base weights that tell checkpoints of one architecture apart.
+
+    Shapes cannot tell a base model from its fine-tune, so this adds the mean of every
+    normalisation weight and the mean absolute value of the token embeddings. Means survive
+    casting and quantization to within about 1%, so compare with a tolerance.
+    """
+    values = []
+    for path, _, owner in logical_parameters(model):
+        if path.endswith("norm.weight"):
+            values.append(float(owner.weight.astype(mx.float32).mean().item()))
+        elif path.endswith("embed_tokens.weight"):
+            values.append(float(mx.abs(embedding_matrix(owner)).mean().item()))
+    return [round(v, 6) for v in values]
+
+
+def embedding_matrix(module: nn.Module) -> mx.array:
+    if isinstance(module, nn.QuantizedEmbedding):
+        return mx.dequantize(module.weight, module.scales, module.biases, module.group_size,
+                             module.bits).astype(mx.float32)
+    return module.weight.astype(mx.float32)
+
+
+def signatures_match(expected: list[float], actual: list[float], tolerance: float = 0.02) -> bool:
+    if len(expected) != len(actual):
+        return False
+    return all(abs(a - b) <= tolerance * max(abs(a), abs(b), 1e-3) for a, b in zip(expected, actual))
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
@@ -106,13 +149,18 @@ def read_adapter_spec(folder: Path) -> AdapterSpec:
 
 
 def check_base(spec: AdapterSpec, model: nn.Module, folder: Path) -> None:
+    """Raise AdapterError unless ``model`` looks like the base the adapter was trained on."""
     fingerprint = base_fingerprint(model)
     if fingerprint != spec.base_fingerprint:
-        raise AdapterError(
-            f"{folder} was trained on base model {spec.base_model} (fingerprint "
-            f"{spec.base_fingerprint}), but the loaded model has fingerprint {fingerprint}. "
-            f"Pass --model {spec.base_model}, the model the adapter was trained on."
-        )
+        reason = f"its parameter shapes differ (fingerprint {fingerprint}, expected {spec.base_fingerprint})"
+    elif not signatures_match(spec.base_signature, base_signature(model)):
+        reason = "its weights differ (same architecture, another checkpoint)"
+    else:
+        return
+    raise AdapterError(
+        f"{folder} was trained on base model {spec.base_model}, and the loaded model is not "
+        f"that model: {reason}. Pass --model {spec.base_model}, the model the adapter was "
+        "trained on.")
 
 
 def load_adapter(model: nn.Module, folder: Path, weights_file: str = WEIGHTS_FILE,

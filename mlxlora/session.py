@@ -11,7 +11,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 from mlxlora import blas
-from mlxlora.adapters import AdapterSpec, base_fingerprint
+from mlxlora.adapters import AdapterSpec, base_fingerprint, base_signature
 from mlxlora.attach import attach_lora, parameter_counts, resolve_targets
 from mlxlora.batching import batch_indices
 from mlxlora.config import ResolvedConfig
@@ -102,7 +102,7 @@ def count_steps(config, num_examples: int, world: int) -> tuple[int, int]:
 
 def attach_adapter(config, loaded: LoadedModel) -> AdapterSpec:
     model = loaded.model
-    fingerprint = base_fingerprint(model)
+    fingerprint, signature = base_fingerprint(model), base_signature(model)
     paths = resolve_targets(model, config.target_modules, config.layers)
 
     mx.random.seed(config.seed)
@@ -112,7 +112,8 @@ def attach_adapter(config, loaded: LoadedModel) -> AdapterSpec:
         enable_grad_checkpoint(model)
     mx.eval(model.parameters())
 
-    return AdapterSpec(base_model=config.model, base_fingerprint=fingerprint, r=config.r,
+    return AdapterSpec(base_model=config.model, base_fingerprint=fingerprint,
+                       base_signature=signature, r=config.r,
                        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                        use_rslora=config.use_rslora, target_modules=paths, layers=config.layers)
 

@@ -1,0 +1,89 @@
+import pytest
+
+from mlxlora.config import FIELDS, TrainConfig, resolve_config
+from mlxlora.errors import ConfigError
+
+
+def write_recipe(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_have_default_source():
+    resolved = resolve_config()
+    assert resolved.config == TrainConfig()
+    assert set(resolved.sources.values()) == {"default"}
+
+
+def test_flag_overrides_recipe_overrides_default(tmp_path):
+    recipe = write_recipe(tmp_path, "r: 16\nbatch_size: 2\nlearning_rate: 1e-4\n")
+    resolved = resolve_config(recipe, {"r": 32, "batch_size": None})
+    assert resolved.config.r == 32
+    assert resolved.sources["r"] == "flag --rank"
+    assert resolved.config.batch_size == 2
+    assert resolved.sources["batch_size"] == f"recipe {recipe}"
+    assert resolved.config.learning_rate == 1e-4
+    assert resolved.sources["seed"] == "default"
+
+
+def test_unknown_keys_all_reported_with_suggestion(tmp_path):
+    recipe = write_recipe(tmp_path, "rank: 8\nlearnig_rate: 1e-3\n")
+    with pytest.raises(ConfigError) as error:
+        resolve_config(recipe)
+    message = str(error.value)
+    assert "unknown key 'rank'" in message
+    assert "did you mean 'learning_rate'" in message
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("r: eight\n", "r must be int"),
+    ("use_rslora: 'yes'\n", "use_rslora must be true or false"),
+    ("lr_schedule: exponential\n", "lr_schedule must be one of constant, linear, cosine"),
+    ("target_modules: 5\n", "target_modules must be a list of strings"),
+    ("lora_dropout: 1.5\n", "lora_dropout must be in [0, 1)"),
+    ("batch_size: 0\n", "batch_size must be at least 1"),
+    ("r: null\n", "r must not be null"),
+])
+def test_invalid_values(tmp_path, text, fragment):
+    with pytest.raises(ConfigError, match=None) as error:
+        resolve_config(write_recipe(tmp_path, text))
+    assert fragment in str(error.value)
+
+
+def test_yaml_error_names_line(tmp_path):
+    recipe = write_recipe(tmp_path, "r: 8\nbatch_size: [1\n")
+    with pytest.raises(ConfigError, match=r"recipe.yaml:\d+: invalid YAML"):
+        resolve_config(recipe)
+
+
+def test_missing_recipe_named():
+    with pytest.raises(ConfigError, match="--recipe nowhere.yaml: file not found"):
+        resolve_config("nowhere.yaml")
+
+
+def test_recipe_paths_relative_to_recipe(tmp_path):
+    (tmp_path / "data").mkdir()
+    resolved = resolve_config(write_recipe(tmp_path, "data: data\n"))
+    assert resolved.config.data == str(tmp_path / "data")
+
+
+def test_comma_separated_targets_from_flag():
+    resolved = resolve_config(None, {"target_modules": "q_proj, v_proj"})
+    assert resolved.config.target_modules == ["q_proj", "v_proj"]
+
+
+def test_ints_become_floats_where_allowed(tmp_path):
+    resolved = resolve_config(write_recipe(tmp_path, "lora_alpha: 32\nlearning_rate: 1\n"))
+    assert isinstance(resolved.config.lora_alpha, float)
+    assert isinstance(resolved.config.learning_rate, float)
+
+
+def test_every_field_has_help():
+    assert all(spec.metadata.get("help") for spec in FIELDS.values())
+
+
+def test_describe_lists_every_field():
+    lines = resolve_config().describe()
+    assert len(lines) == len(FIELDS)
+    assert any(line.startswith("r ") and "(default)" in line for line in lines)
