@@ -47,7 +47,7 @@ def collate(encoded: list[EncodedExample], pad_id: int, pad_to_multiple: int = 3
     """Pad examples into one Batch of inputs tokens[:-1], targets tokens[1:] and mask[1:].
 
     The width is the longest row rounded up to pad_to_multiple, which bounds how many
-    distinct shapes a compiled step sees.
+    distinct shapes mx.compile has to trace.
     """
     if not encoded:
         raise ValueError("collate needs at least one example")

@@ -203,7 +203,9 @@ def _cumulative_renders(example: Example, tokenizer) -> list[str]:
 
     renders = []
     for index, message in enumerate(messages):
-        if message["role"] != "assistant":
+        # An opening assistant message has no prompt to answer (and many templates fail to
+        # render an empty one), so it stays context and is not a target.
+        if message["role"] != "assistant" or index == 0:
             continue
         for count, generation_prompt in ((index, True), (index + 1, False)):
             text = _render_or_raise(example, tokenizer, messages[:count], generation_prompt, tools)
@@ -269,11 +271,13 @@ class SplitSummary:
 
     ``long`` lists examples over max_seq_length, ``lost_targets`` the truncated ones that
     lost completion tokens or their EOS, ``dropped`` those removed by the "drop" policy and
-    ``untrainable`` those skipped because no target was left.
+    ``untrainable`` those skipped because no target was left. ``longest`` is the token
+    count of the longest example before fitting.
     """
 
     total: int
     max_seq_length: int
+    longest: int
     long: list[str]
     lost_targets: list[str]
     dropped: list[str]
@@ -284,15 +288,17 @@ class SplitSummary:
         lines = []
         if self.long:
             lines.append(f"{len(self.long)} of {self.total} examples are longer than "
-                         f"max_seq_length {self.max_seq_length}: {_list_sources(self.long, listed)}")
+                         f"max_seq_length {self.max_seq_length} (longest: {self.longest} tokens; "
+                         f"--max-seq-length sets the limit): {_list_sources(self.long, listed)}")
         if self.lost_targets:
             lines.append(f"{len(self.lost_targets)} truncated examples lost completion tokens or "
-                         f"their EOS, so the model sees fewer endings: {_list_sources(self.lost_targets, listed)}")
+                         f"their EOS, so the model sees fewer turn endings (--long-examples drop "
+                         f"removes them instead): {_list_sources(self.lost_targets, listed)}")
         if self.dropped:
             lines.append(f"{len(self.dropped)} long examples dropped: {_list_sources(self.dropped, listed)}")
         if self.untrainable:
-            lines.append(f"{len(self.untrainable)} examples skipped because no training target "
-                         f"is left after truncation: {_list_sources(self.untrainable, listed)}")
+            lines.append(f"{len(self.untrainable)} examples skipped because they have no "
+                         f"training target (after truncation, if any): {_list_sources(self.untrainable, listed)}")
         return lines
 
 
@@ -356,7 +362,8 @@ def _check_template(examples: list[Example], tokenizer) -> None:
 
 def _fit_all(encoded: list[EncodedExample], config) -> tuple[list[EncodedExample], SplitSummary]:
     limit = config.max_seq_length
-    summary = SplitSummary(len(encoded), limit, [], [], [], [])
+    longest = max(len(example.tokens) for example in encoded)
+    summary = SplitSummary(len(encoded), limit, longest, [], [], [], [])
 
     kept = []
     for example in encoded:

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 from mlxlora.batching import batch_indices, collate, pad_token_id
+from mlxlora.config import TrainConfig
+from mlxlora.data_formats import read_examples
 from mlxlora.errors import ModelError
-from mlxlora.prompt import EncodedExample
+from mlxlora.prompt import EncodedExample, encode_split
 from mlxlora.testing.tiny import make_tokenizer
 
 LENGTHS = [5, 40, 12, 7, 33, 40, 1, 18, 25, 9, 12]
@@ -102,3 +104,18 @@ def test_pad_token_id_fallback():
     tokenizer.eos_token = None
     with pytest.raises(ModelError, match="neither a pad token nor an EOS token"):
         pad_token_id(tokenizer)
+
+
+def test_collate_encoded_split(tmp_path):
+    tokenizer = make_tokenizer()
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "a", "completion": "bc"}\n{"prompt": "de", "completion": "f"}\n')
+    split = encode_split(read_examples(path), tokenizer, TrainConfig())
+
+    [indices] = batch_indices([len(e.tokens) for e in split.examples], 2, seed=0, epoch=0)
+    batch = collate([split.examples[i] for i in indices], pad_token_id(tokenizer), pad_to_multiple=8)
+
+    assert batch.num_targets == 5
+    assert batch.inputs.shape == (2, 24)
+    assert batch.mask[batch.targets == tokenizer.pad_token_id].sum() == 0
+    assert (batch.targets[batch.mask == 1] == tokenizer.eos_token_id).sum() == 2

@@ -111,6 +111,18 @@ def test_chat_drops_text_after_final_turn(tokenizer):
     assert spans(tokenizer, encoded) == TWO_TURN_SPANS
 
 
+def test_chat_opening_assistant_is_context(tokenizer):
+    greeting = {"role": "assistant", "content": "Hello!"}
+
+    encoded = encode_example(chat([greeting, USER_1, REPLY_1]), tokenizer)
+
+    assert spans(tokenizer, encoded) == [
+        ("<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+         "<|im_start|>assistant\n", False),
+        ("yo<|im_end|>", True),
+    ]
+
+
 def test_chat_eos_once_per_turn(tokenizer):
     eos = tokenizer.eos_token_id
     encoded = encode_example(chat(TWO_TURNS), tokenizer)
@@ -322,8 +334,12 @@ def test_split_truncate_summary(tokenizer):
     assert summary.lost_targets == ["f.jsonl:2", "f.jsonl:3"]
     assert summary.dropped == []
     assert summary.untrainable == ["f.jsonl:2"]
-    assert summary.describe()[0] == "2 of 3 examples are longer than max_seq_length 40: f.jsonl:2, f.jsonl:3"
-    assert "skipped because no training target is left" in summary.describe()[-1]
+    assert summary.longest == 56
+    assert summary.describe()[0] == (
+        "2 of 3 examples are longer than max_seq_length 40 (longest: 56 tokens; "
+        "--max-seq-length sets the limit): f.jsonl:2, f.jsonl:3"
+    )
+    assert "skipped because they have no training target" in summary.describe()[-1]
 
 
 def test_split_drop_summary(tokenizer):
