@@ -18,6 +18,9 @@ from mlxlora.errors import DataError
 
 SPLIT_NAMES = ("train", "valid", "test")
 ROLES = ("system", "user", "assistant", "tool")
+# Role names from other chat formats, mapped to the role to use instead.
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+                "developer": "system", "function": "tool", "ipython": "tool"}
 MAX_LISTED_PROBLEMS = 20
 
 
@@ -108,6 +111,8 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
         content = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found.") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror}). Pass a readable .jsonl file.") from None
     except UnicodeDecodeError as error:
         raise DataError(
             f"{path}: not valid UTF-8 (byte {error.start}). Save the file as UTF-8."
@@ -194,8 +199,12 @@ def _message_problem(message, index: int) -> str | None:
         return f"{where}: {_SHAREGPT_HINT}"
 
     role = message.get("role")
+    if role is None:
+        return f"{where}: missing \"role\". Use one of: {', '.join(ROLES)}."
     if role not in ROLES:
-        return f"{where}: unknown role {role!r}. Use one of: {', '.join(ROLES)}."
+        alias = ROLE_ALIASES.get(role) if isinstance(role, str) else None
+        hint = f" Use \"{alias}\" for {role!r}." if alias else ""
+        return f"{where}: unknown role {role!r}. Use one of: {', '.join(ROLES)}.{hint}"
 
     content = message.get("content")
     # An assistant turn that calls tools may leave its content empty.

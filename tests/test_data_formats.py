@@ -105,6 +105,10 @@ BAD_LINES = [
     ("no known key", {"input": "x"}, ["no known key (found: input)", '{"text": ...}', "--prompt-key"]),
     ("unknown role", chat({"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}),
      ["message 0: unknown role 'bot'", "system, user, assistant, tool"]),
+    ("role alias", chat({"role": "human", "content": "x"}, {"role": "gpt", "content": "y"}),
+     ["message 0: unknown role 'human'", "Use \"user\" for 'human'.", "message 1: unknown role 'gpt'"]),
+    ("role missing", chat({"content": "x"}, {"role": "assistant", "content": "y"}),
+     ["message 0: missing \"role\". Use one of: system, user"]),
     ("content not a string", chat({"role": "user", "content": [{"type": "text", "text": "x"}]},
                                   {"role": "assistant", "content": "y"}),
      ["message 0 (user): \"content\" must be a string, got a list", "Join the text parts"]),
@@ -183,6 +187,13 @@ def test_read_examples_invalid_utf8(tmp_path):
     [problem] = problems_of(path)
 
     assert problem == f"{path}: not valid UTF-8 (byte 10). Save the file as UTF-8."
+
+
+def test_read_examples_directory(tmp_path):
+    [problem] = problems_of(tmp_path)
+
+    assert problem.startswith(f"{tmp_path}: cannot be read (")
+    assert problem.endswith("Pass a readable .jsonl file.")
 
 
 def test_find_splits_folder(tmp_path):
