@@ -40,7 +40,7 @@ BLOCK_TENSORS = {
     "ffn_norm": "post_attention_layernorm",
 }
 
-# Byte sizes of the fixed-size GGUF metadata value types.
+# struct formats of the fixed-size GGUF metadata value types.
 SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B",
     GGUFValueType.INT8: "<b",
@@ -125,7 +125,7 @@ def _read_into(header: GGUFHeader, cursor: _Cursor):
     cursor.offset = 4
     version = cursor.unpack("<I")
     if version < 2:
-        raise ValueError(f"GGUF version {version} is too old; convert it again with llama.cpp")
+        raise ValueError(f"GGUF version {version} is too old, convert the model again with llama.cpp")
 
     tensor_count = cursor.unpack("<Q")
     kv_count = cursor.unpack("<Q")
@@ -197,47 +197,49 @@ def _metadata_value(header: GGUFHeader, key: str, problems: list[str], default=N
     if key in header.scalars:
         return header.scalars[key]
     if default is None:
-        problems.append(f"{header.path}: metadata key '{key}' is missing.")
+        problems.append(f"metadata key '{key}' is missing.")
     return default
 
 
+def _listing(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
 def check_tensors(header: GGUFHeader) -> list[str]:
-    """Return one problem per tensor with an unsupported type or an unknown name."""
-    problems = []
-    supported = ", ".join(SUPPORTED_TYPES)
+    """Return one problem per unsupported tensor type and one for unknown tensor names."""
+    by_type: dict[str, list[str]] = {}
+    unknown = []
     for name, info in header.tensors.items():
         if info.type_name not in SUPPORTED_TYPES:
-            problems.append(
-                f"{header.path}: tensor '{name}' has type {info.type_name}; supported types "
-                f"are {supported}. Use a GGUF quantized with one of these (for example "
-                "llama.cpp's llama-quantize with Q4_1 or Q8_0), or the original HF model."
-            )
+            by_type.setdefault(info.type_name, []).append(name)
         if map_tensor_name(name) is None:
-            problems.append(
-                f"{header.path}: tensor '{name}' is not part of a plain llama model "
-                "(supported: token_embd, output_norm, output and blk.N.attn_q/attn_k/"
-                "attn_v/attn_output/attn_norm/ffn_gate/ffn_up/ffn_down/ffn_norm)."
-            )
+            unknown.append(name)
+
+    problems = []
+    for type_name, names in by_type.items():
+        problems.append(
+            f"tensor type {type_name} ({_listing(names)}) is not supported. Supported types "
+            f"are {', '.join(SUPPORTED_TYPES)}: use a GGUF quantized with one of these "
+            "(llama.cpp's llama-quantize with Q4_1 or Q8_0, for example) or the original "
+            "HF model."
+        )
+    if unknown:
+        problems.append(
+            f"unknown tensors for a plain llama model: {_listing(unknown)}. Such a model "
+            "has only token_embd, output_norm, output and blk.N.attn_q/attn_k/attn_v/"
+            "attn_output/attn_norm/ffn_gate/ffn_up/ffn_down/ffn_norm."
+        )
     return problems
 
 
-def config_from_header(header: GGUFHeader) -> dict:
-    """Build an HF-style llama config dict from GGUF metadata, or raise ModelError."""
-    problems = []
-    architecture = header.scalars.get("general.architecture")
-    if architecture != "llama":
-        raise ModelError(
-            f"{header.path}: architecture '{architecture}' is not supported; only 'llama' "
-            "GGUF files load. Pass the original Hugging Face model instead."
-        )
-
+def _llama_dimensions(header: GGUFHeader, problems: list[str]) -> dict:
     def value(key, default=None):
         return _metadata_value(header, f"llama.{key}", problems, default)
 
     hidden_size = value("embedding_length")
     n_heads = value("attention.head_count")
     config = {
-        "model_type": "llama",
         "hidden_size": hidden_size,
         "num_hidden_layers": value("block_count"),
         "intermediate_size": value("feed_forward_length"),
@@ -250,27 +252,42 @@ def config_from_header(header: GGUFHeader) -> dict:
         or value("vocab_size"),
         "tie_word_embeddings": "output.weight" not in header.tensors,
     }
+
     if hidden_size and n_heads:
         head_dim = value("attention.key_length", hidden_size // n_heads)
         config["head_dim"] = head_dim
         rope_dims = value("rope.dimension_count", head_dim)
         if rope_dims != head_dim:
             problems.append(
-                f"{header.path}: RoPE covers {rope_dims} of {head_dim} head dimensions; "
-                "partial rotary embeddings are not supported for llama."
+                f"RoPE covers {rope_dims} of {head_dim} head dimensions, but llama "
+                "supports only full rotary embeddings."
             )
 
     scaling = header.scalars.get("llama.rope.scaling.type", "none")
     if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": float(value("rope.scaling.factor"))}
+        factor = value("rope.scaling.factor")
+        if factor is not None:
+            config["rope_scaling"] = {"type": "linear", "factor": float(factor)}
     elif scaling != "none":
-        problems.append(
-            f"{header.path}: RoPE scaling '{scaling}' is not supported (only linear)."
-        )
+        problems.append(f"RoPE scaling '{scaling}' is not supported (only linear).")
 
     if header.scalars.get("llama.expert_count", 0):
-        problems.append(f"{header.path}: mixture-of-experts llama models are not supported.")
+        problems.append("mixture-of-experts llama models are not supported.")
+    return config
 
+
+def config_from_header(header: GGUFHeader) -> dict:
+    """Build an HF-style llama config dict from GGUF metadata, or raise ModelError."""
+    architecture = header.scalars.get("general.architecture")
+    if architecture != "llama":
+        raise ModelError(
+            f"{header.path}: architecture '{architecture}' is not supported. Only 'llama' "
+            "GGUF files load, so pass the original Hugging Face model instead."
+        )
+
+    problems = []
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    config.update(_llama_dimensions(header, problems))
     for key in ("bos_token_id", "eos_token_id"):
         if f"tokenizer.ggml.{key}" in header.scalars:
             config[key] = header.scalars[f"tokenizer.ggml.{key}"]

@@ -1,6 +1,6 @@
 """Build a Hugging Face fast tokenizer from the vocabulary stored in GGUF metadata.
 
-transformers can read GGUF tokenizers itself, but only with torch installed, so this builds
+transformers 5.25 fails to load a GGUF tokenizer when torch is not installed, so this builds
 the ``tokenizers`` pipeline directly and wraps it in ``PreTrainedTokenizerFast`` and then in
 mlx-lm's ``TokenizerWrapper``. Two GGUF vocabularies are supported:
 
@@ -51,7 +51,7 @@ def _byte_level_pre_tokenizer(pre_type: str):
             [pre_tokenizers.Digits(individual_digits=True), byte_level]
         )
     if pre_type == "llama-bpe":
-        # NOTE: written from Llama 3's tokenizer.json; no Llama 3 GGUF is tested here.
+        # NOTE: written from Llama 3's tokenizer.json and not tested against a Llama 3 GGUF.
         return pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -78,7 +78,7 @@ def _token_id(metadata: dict, key: str, vocab_size: int) -> int | None:
 
 
 def _first_ids(tokens: list[str]) -> dict[str, int]:
-    # A GGUF vocabulary can repeat a string (usually unused slots); the first id wins.
+    # A GGUF vocabulary can repeat a string, usually in unused slots. The first id wins.
     vocab = {}
     for index, token in enumerate(tokens):
         vocab.setdefault(token, index)

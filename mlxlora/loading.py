@@ -35,7 +35,7 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # Hub ids are "namespace/name" with letters, digits, '-', '_' and '.'.
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
-# What snapshot_download fetches: mlx-lm's list, without Python files unless the user
+# File patterns for snapshot_download: mlx-lm's list, plus Python files only when the user
 # trusts the repo's code.
 HUB_PATTERNS = [
     "*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "tiktoken.model",
@@ -157,9 +157,9 @@ def _is_quantized(model: nn.Module) -> bool:
 
 
 def _dominant_float_dtype(model: nn.Module) -> mx.Dtype:
-    """Return the float dtype that holds the most parameter elements.
+    """Return the float dtype that contains the most parameter elements.
 
-    A Q4 GGUF keeps its scales in float16 but its norms in float32; computing in the
+    A Q4 GGUF keeps its scales in float16 but its norms in float32. Computing in the
     dominant dtype keeps one dtype through the network.
     """
     sizes = Counter()
@@ -179,6 +179,12 @@ def _load_folder(path: Path, spec: str, trust_remote_code: bool):
 
     if not (path / "config.json").is_file():
         raise _forms_message(spec, f"the folder {path} has no config.json")
+    if not any(path.glob("model*.safetensors")):
+        raise ModelError(
+            f"--model {spec!r}: the folder {path} has no model*.safetensors weights. "
+            "PyTorch .bin checkpoints are not read; save the model as safetensors first "
+            "(transformers' save_pretrained does by default)."
+        )
 
     try:
         model, config = mlx_load_model(path, trust_remote_code=trust_remote_code)
@@ -188,9 +194,10 @@ def _load_folder(path: Path, spec: str, trust_remote_code: bool):
     extra = {"trust_remote_code": True} if trust_remote_code else None
     try:
         tokenizer = load_tokenizer(path, extra, eos_token_ids=config.get("eos_token_id"))
-    except (OSError, ValueError) as error:
+    except Exception as error:  # AutoTokenizer raises many types for a broken folder.
         raise ModelError(
-            f"--model {spec!r}: loading the tokenizer in {path} failed: {error}. The folder "
+            f"--model {spec!r}: loading the tokenizer in {path} failed: "
+            f"{type(error).__name__}: {error}. The folder "
             "needs tokenizer.json or tokenizer.model with tokenizer_config.json."
         ) from error
     return model, tokenizer, config
@@ -216,7 +223,7 @@ def load_model(spec: str, *, dtype: str = "auto", dequantize: bool | None = None
     """
     if dtype != "auto" and dtype not in DTYPES:
         raise ModelError(
-            f"--dtype {dtype!r} is invalid; use auto, {', '.join(DTYPES)}."
+            f"--dtype {dtype!r} is invalid. Use auto, {', '.join(DTYPES)}."
         )
 
     path = resolve_model_path(spec, trust_remote_code)

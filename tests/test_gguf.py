@@ -118,6 +118,8 @@ def write_tiny_gguf(path: Path, model, tensor_type=None, extra_tensors=(), archi
         qtype = tensor_type.get(name, gguf.GGMLQuantizationType.F32)
         if qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name(name), array)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(gguf_name(name), array.astype(np.float16))
         else:
             writer.add_tensor(gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
 
@@ -217,6 +219,7 @@ def test_quantized_gguf_keeps_types_and_values(tmp_path, tiny):
         "model.layers.1.self_attn.o_proj.weight": Q.Q4_1,
         "model.layers.1.mlp.down_proj.weight": Q.Q8_0,
         "model.embed_tokens.weight": Q.Q8_0,
+        "model.layers.0.self_attn.v_proj.weight": Q.F16,
     }
     path = write_tiny_gguf(tmp_path / "quant.gguf", tiny, tensor_type=types)
 
@@ -233,13 +236,14 @@ def test_quantized_gguf_keeps_types_and_values(tmp_path, tiny):
     assert modules["model.embed_tokens"].bits == 8
     assert modules["model.layers.0.self_attn.q_proj"].bits == 4
     assert modules["model.layers.1.mlp.down_proj"].bits == 8
-    assert isinstance(modules["model.layers.0.self_attn.v_proj"], nn.Linear)
-    assert not isinstance(modules["model.layers.0.self_attn.v_proj"], nn.QuantizedLinear)
+    assert type(modules["model.layers.0.self_attn.v_proj"]) is nn.Linear
+    assert modules["model.layers.0.self_attn.v_proj"].weight.dtype == mx.float16
 
     # Each stored tensor, as the gguf package decodes it, equals the weight that MLX
     # dequantizes from the loaded module once that is permuted back to llama.cpp's order.
     heads = {".q_proj.": 4, ".k_proj.": 2}
-    for hf_name, qtype in types.items():
+    quantized = {name: qtype for name, qtype in types.items() if qtype != Q.F16}
+    for hf_name, qtype in quantized.items():
         n_heads = next((n for key, n in heads.items() if key in hf_name), None)
         source = np.array(dict(tree_flatten(tiny.parameters()))[hf_name])
         if n_heads:
@@ -354,8 +358,8 @@ def test_stories_tokenizer_matches_sentencepiece():
     text = (
         'Lily and Ben played in the park.\n  They saw 12 big dogs: "Wow!" said Ben. Café 日本'
     )
-    # Ids from sentencepiece 0.2.3 with this vocabulary (BPE, byte fallback, identity
-    # normalization, dummy prefix), the tokenizer that llama2.c trains.
+    # Ids from sentencepiece 0.2.3 given a model built from this vocabulary (BPE, byte
+    # fallback, identity normalization, dummy prefix, no extra-whitespace removal).
     expected = [
         317, 269, 368, 302, 337, 266, 322, 265, 282, 295, 433, 426, 13, 410, 342, 394, 410,
         475, 479, 370, 400, 428, 419, 467, 313, 448, 327, 443, 436, 336, 368, 302, 426, 410,
