@@ -202,8 +202,10 @@ def _metadata_value(header: GGUFHeader, key: str, problems: list[str], default=N
 
 
 def _listing(names: list[str], limit: int = 4) -> str:
-    shown = ", ".join(names[:limit])
-    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+    first_names = ", ".join(names[:limit])
+    if len(names) <= limit:
+        return first_names
+    return f"{first_names} and {len(names) - limit} more"
 
 
 def check_tensors(header: GGUFHeader) -> list[str]:

@@ -118,7 +118,8 @@ def _download(repo_id: str, trust_remote_code: bool) -> Path:
             else f"downloading it from the Hugging Face Hub failed ({error})"
         )
         raise ModelError(
-            f"--model {repo_id!r}: {where}. Download it where the Hub is reachable "
+            f"--model {repo_id!r}: no local file or folder has this name, and {where}. "
+            "Download it where the Hub is reachable "
             f"(`hf download {repo_id}`) and copy the folder here, then pass that folder or "
             "a local .gguf file with --model."
         ) from error

@@ -351,6 +351,14 @@ def test_stories_golden_text():
 
     assert loaded.tokenizer.decode(tokens[1:]) == STORIES_GOLDEN
 
+    # mlx-lm's generate streams text through the wrapper's detokenizer.
+    detokenizer = loaded.tokenizer.detokenizer
+    detokenizer.reset()
+    for token in tokens[1:]:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    assert detokenizer.text == STORIES_GOLDEN
+
 
 def test_stories_tokenizer_matches_sentencepiece():
     need_stories()

@@ -156,6 +156,23 @@ def test_hub_offline_not_cached_error(monkeypatch):
     assert "local .gguf file" in message
 
 
+def test_hub_unreachable_error(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def unreachable(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("Connection refused and no cached snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+
+    with pytest.raises(ModelError) as error:
+        resolve_model_path("someone/missing-model")
+
+    message = str(error.value)
+    assert "downloading it from the Hugging Face Hub failed" in message
+    assert "Connection refused and no cached snapshot" in message
+    assert "hf download someone/missing-model" in message
+
+
 def test_hub_repo_loads_from_snapshot(tmp_path, monkeypatch):
     folder = save_tiny(tmp_path / "snapshot")
     calls = []
