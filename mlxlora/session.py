@@ -87,7 +87,8 @@ def load_splits(config, tokenizer):
             continue
         examples = read_examples(splits[name], config.prompt_key, config.completion_key)
         encoded[name] = encode_split(examples, tokenizer, config)
-        logger.info("data %s: %s", name, encoded[name].describe())
+        for line in encoded[name].summary.describe():
+            logger.info("data %s: %s", name, line)
     return encoded["train"], encoded.get("valid")
 
 
@@ -110,6 +111,8 @@ def attach_adapter(config, loaded: LoadedModel) -> AdapterSpec:
                 config.use_rslora)
     if config.grad_checkpoint:
         enable_grad_checkpoint(model)
+    # mlx-lm's loaders leave models in eval mode, which would switch LoRA dropout off.
+    model.train()
     mx.eval(model.parameters())
 
     return AdapterSpec(base_model=config.model, base_fingerprint=fingerprint,

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxlora.adapters import save_adapter
-from mlxlora.batching import batch_indices, collate
+from mlxlora.batching import batch_indices, collate, pad_token_id
 from mlxlora.checkpoint import TrainingState, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from mlxlora.config import ResolvedConfig
 from mlxlora.errors import MlxloraError
@@ -59,8 +59,7 @@ def rank_share(indices: list[int], group) -> list[int]:
 def to_arrays(session: Session, indices: list[int]):
     """Collate examples into MLX arrays; an empty share becomes one fully masked row."""
     examples = session.train_split.examples
-    tokenizer = session.loaded.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(session.loaded.tokenizer)
 
     if not indices:
         batch = collate([examples[0]], pad_id)
@@ -96,8 +95,7 @@ def validation_loss(session: Session) -> float | None:
     if config.val_batches >= 0:
         batches = batches[: config.val_batches]
 
-    tokenizer = session.loaded.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(session.loaded.tokenizer)
     loss_sum, count = mx.array(0.0), mx.array(0.0)
     for indices in batches:
         share = rank_share(indices, session.group)
