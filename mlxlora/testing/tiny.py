@@ -76,3 +76,20 @@ def make_model(vocab_size: int = 260, hidden_size: int = 32, layers: int = 2, se
     model = llama.Model(args)
     mx.eval(model.parameters())
     return model
+
+
+def save_model_folder(folder, model=None, tokenizer=None) -> "Path":
+    """Save a tiny llama and its tokenizer as an MLX-format folder that load_model reads."""
+    import dataclasses
+    from pathlib import Path
+
+    from mlx_lm.utils import save_config, save_model
+
+    folder = Path(folder)
+    model = model or make_model()
+    # transformers' AutoConfig, which AutoTokenizer reads, rejects null fields.
+    config = {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
+    save_model(folder, model)
+    save_config(config, folder / "config.json")
+    (tokenizer or make_tokenizer())._tokenizer.save_pretrained(folder)
+    return folder
