@@ -15,7 +15,9 @@ from mlxlora.checkpoint import TrainingState, find_latest_checkpoint, load_check
 from mlxlora.config import ResolvedConfig
 from mlxlora.errors import MlxloraError
 from mlxlora.files import atomic_write_json
+from mlxlora.metric_sinks import check_report_to, open_metric_sinks
 from mlxlora.report_log import MetricsWriter, ProgressBar, Throughput
+from mlxlora.run_report import write_report_after_training, write_run_summary
 from mlxlora.run_dir import prepare_run_dir
 from mlxlora.session import Session, epoch_batches, prepare_session
 
@@ -141,7 +143,9 @@ class Trainer:
         session, config = self.session, self.config
         if session.is_main:
             append = self.state.step > 0
-            self.metrics = MetricsWriter(session.run_dir / METRICS_FILE, append=append)
+            self.metrics = open_metric_sinks(
+                MetricsWriter(session.run_dir / METRICS_FILE, append=append),
+                config.report_to, session.run_dir, asdict(config))
             if not append:
                 self.evaluate_and_record(step=0)
 
@@ -263,6 +267,7 @@ class Trainer:
         save_adapter(session.run_dir, session.loaded.model, session.spec)
         if self.metrics:
             self.metrics.close()
+        write_report_after_training(session.run_dir)
         logger.info("adapter written to %s (%d steps, %.0f s)", session.run_dir,
                     self.state.step, seconds)
 
@@ -277,6 +282,7 @@ def write_training_config(session: Session) -> None:
 def train(resolved: ResolvedConfig) -> TrainingState:
     """Run a whole training job from a resolved config and return the final state."""
     config = resolved.config
+    check_report_to(config.report_to)
     run_dir = prepare_run_dir(config)
     for line in resolved.describe():
         logger.info("config %s", line)
@@ -290,4 +296,5 @@ def train(resolved: ResolvedConfig) -> TrainingState:
 
     if session.is_main:
         write_training_config(session)
+        write_run_summary(session)
     return Trainer(session, state).run()
