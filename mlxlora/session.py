@@ -15,6 +15,7 @@ from mlxlora.adapters import AdapterSpec, base_fingerprint, base_signature
 from mlxlora.attach import attach_lora, parameter_counts, resolve_targets
 from mlxlora.batching import batch_indices
 from mlxlora.config import ResolvedConfig
+from mlxlora.errors import ConfigError
 from mlxlora.data_formats import find_splits, read_examples
 from mlxlora.grad_checkpoint import enable_grad_checkpoint
 from mlxlora.hyperparams import choose_learning_rate, hyperparameter_warnings
@@ -70,12 +71,31 @@ def configure_device() -> None:
         logger.info("device: %s", device)
 
 
-def distributed_group():
-    """Return the mx.distributed group when launched with several processes, else None."""
+def distributed_group(batch_size: int | None = None):
+    """Return the mx.distributed group when launched with several processes, else None.
+
+    Raises ConfigError for a hostfile that cannot be read (mlx would wait forever for peers
+    that never come) and for a batch size that does not split evenly across processes.
+    """
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile and not os.access(hostfile, os.R_OK):
+        raise ConfigError(f"MLX_HOSTFILE={hostfile}: file not found or not readable; write the "
+                          "hostfile (see docs/distributed.md) or unset MLX_HOSTFILE")
     if not mx.distributed.is_available():
         return None
+
     group = mx.distributed.init()
-    return group if group.size() > 1 else None
+    if group.size() == 1:
+        if hostfile:
+            logger.warning("MLX_HOSTFILE is set but this process runs alone: no distributed "
+                           "backend connected, training on one process")
+        return None
+
+    if batch_size is not None and batch_size % group.size() != 0:
+        raise ConfigError(f"--batch-size {batch_size} is not divisible by the {group.size()} "
+                          f"processes; use a multiple of {group.size()}, e.g. "
+                          f"{group.size() * max(1, batch_size // group.size())}")
+    return group
 
 
 def load_splits(config, tokenizer):
@@ -134,9 +154,8 @@ def log_parameters(model: nn.Module, spec: AdapterSpec) -> None:
                 100 * trainable / base, trainable * 8 / 1e6, base * 8 / 1e6, saved_bytes / 1e6)
 
 
-def prepare_session(resolved: ResolvedConfig, run_dir: Path) -> Session:
+def prepare_session(resolved: ResolvedConfig, run_dir: Path, group=None) -> Session:
     config = resolved.config
-    group = distributed_group()
     world = group.size() if group else 1
     configure_device()
 
