@@ -131,6 +131,12 @@ def read_adapter_spec(folder: Path) -> AdapterSpec:
     if not path.is_file():
         raise AdapterError(f"{path} not found; is {folder} an adapter folder from mlxlora train?")
 
+    # Imported here because peft_io builds on this module.
+    from mlxlora import peft_io
+
+    if peft_io.is_peft_folder(folder):
+        return peft_io.read_peft_spec(folder)
+
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -168,9 +174,15 @@ def load_adapter(model: nn.Module, folder: Path, weights_file: str = WEIGHTS_FIL
     """Attach the adapter in ``folder`` to ``model`` and load its weights.
 
     Raises AdapterError when the adapter was made for another base model (fingerprint or
-    shape mismatch) or its files are incomplete.
+    shape mismatch) or its files are incomplete. A Hugging Face PEFT LoRA folder is converted
+    by mlxlora.peft_io, which checks shapes only, because PEFT records no base fingerprint.
     """
+    from mlxlora import peft_io
+
     folder = Path(folder)
+    if peft_io.is_peft_folder(folder):
+        return peft_io.load_peft_adapter(model, folder)
+
     spec = read_adapter_spec(folder)
     if check_fingerprint:
         check_base(spec, model, folder)
