@@ -1,25 +1,35 @@
 """The training loop around the compiled step: data order, reports, evaluation, saving."""
 
+import hashlib
+import json
 import logging
 import math
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_map
 
-from mlxlora.adapters import save_adapter
+from mlxlora.adapters import adapter_weights, save_adapter
 from mlxlora.batching import batch_indices, collate, pad_token_id
-from mlxlora.checkpoint import TrainingState, find_latest_checkpoint, load_checkpoint, save_checkpoint
+from mlxlora.checkpoint import (CheckpointError, SaveError, TrainingState, find_checkpoint,
+                                load_checkpoint, read_state, replace_optimizer_state,
+                                run_folder_of, save_checkpoint)
 from mlxlora.config import ResolvedConfig
 from mlxlora.errors import MlxloraError
 from mlxlora.files import atomic_write_json
 from mlxlora.metric_sinks import check_report_to, open_metric_sinks
 from mlxlora.report_log import MetricsWriter, ProgressBar, Throughput
 from mlxlora.run_report import write_report_after_training, write_run_summary
-from mlxlora.run_dir import prepare_run_dir
-from mlxlora.session import Session, epoch_batches, prepare_session
+from mlxlora.non_finite import describe_non_finite
+from mlxlora.resume import (check_resume_fits, data_fingerprint, merge_config, set_aside_newer,
+                            trim_metrics)
+from mlxlora.run_dir import check_free_space, prepare_run_dir, same_folder
+from mlxlora.signals import StopRequest
+from mlxlora.session import Session, distributed_group, epoch_batches, prepare_session
 
 logger = logging.getLogger("mlxlora")
 
@@ -30,6 +40,14 @@ METRICS_FILE = "metrics.jsonl"
 
 class TrainingError(MlxloraError):
     """Training stopped on a NaN/inf loss or another failure the user must act on."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM; ``checkpoint`` is where it can continue from."""
+
+    def __init__(self, message: str, checkpoint: Path | None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 class DataOrder:
@@ -43,12 +61,29 @@ class DataOrder:
         self.session = session
         self.cache: dict[int, list[list[int]]] = {}
 
-    def micro_batch(self, index: int) -> list[int]:
-        per_epoch = self.session.batches_per_epoch
-        epoch, position = divmod(index, per_epoch)
+    def epoch(self, epoch: int) -> list[list[int]]:
         if epoch not in self.cache:
             self.cache = {epoch: epoch_batches(self.session, epoch)}
-        return self.cache[epoch][position]
+        return self.cache[epoch]
+
+    def micro_batch(self, index: int) -> list[int]:
+        epoch, position = divmod(index, self.session.batches_per_epoch)
+        return self.epoch(epoch)[position]
+
+    def position(self, step: int) -> dict:
+        """Return where optimizer step ``step`` starts in the data, for state.json and checks."""
+        session = self.session
+        accumulation = session.config.grad_accumulation_steps
+        micro_batch = step * accumulation
+        epoch, batch = divmod(micro_batch, session.batches_per_epoch)
+        order = json.dumps(self.epoch(epoch)).encode()
+        return {"epoch": epoch, "batch_in_epoch": batch, "micro_batch": micro_batch,
+                "batches_per_epoch": session.batches_per_epoch,
+                "grad_accumulation_steps": accumulation,
+                # Checkpoints are written between optimizer steps, never inside an accumulation.
+                "micro_batch_in_step": 0,
+                "examples": len(session.train_split.examples),
+                "epoch_order": hashlib.sha256(order).hexdigest()[:16]}
 
 
 def rank_share(indices: list[int], group) -> list[int]:
@@ -115,25 +150,20 @@ def validation_loss(session: Session) -> float | None:
     return float(loss_sum.item() / max(count.item(), 1.0))
 
 
-def diagnose_non_finite(loss: float, session: Session, sources: list[str], step: int) -> str:
-    lr = float(session.schedule(step))
-    causes = [f"learning rate {lr:.3g} too high (try 3-10x lower, or `mlxlora sweep`)"]
-    if session.loaded.dtype in ("float16", "bfloat16"):
-        causes.append(f"{session.loaded.dtype} overflow (try --dtype float32)")
-    shown = ", ".join(sources[:8]) + (" ..." if len(sources) > 8 else "")
-    return (f"step {step + 1}: loss is {loss}; batch rows: {shown}. Likely causes: "
-            + "; ".join(causes))
-
-
 class Trainer:
     """Runs the optimizer steps of a prepared session and writes the run folder."""
 
-    def __init__(self, session: Session, state: TrainingState):
+    def __init__(self, session: Session, state: TrainingState, stop: StopRequest | None = None):
         self.session = session
         self.state = state
         self.order = DataOrder(session)
         self.metrics = None
         self.stop_requested = False
+        self.stop = stop
+        self.data_fingerprint = data_fingerprint(session.train_split)
+        self.last_checkpoint: Path | None = None
+        self.saved_step: int | None = None
+        self.metrics_failed = False
 
     @property
     def config(self):
@@ -146,13 +176,14 @@ class Trainer:
             self.metrics = open_metric_sinks(
                 MetricsWriter(session.run_dir / METRICS_FILE, append=append),
                 config.report_to, session.run_dir, asdict(config))
-            if not append:
-                self.evaluate_and_record(step=0)
+        if self.state.step == 0:
+            # Every process evaluates, because validation loss is summed across processes.
+            self.evaluate_and_record(step=0)
 
         bar = ProgressBar(session.total_steps, self.state.step, enabled=None if session.is_main else False)
         throughput, window_losses, started = Throughput(), [], time.perf_counter()
         try:
-            while self.state.step < session.total_steps and not self.stop_requested:
+            while self.state.step < session.total_steps and not self.should_stop():
                 loss, tokens = self.one_step()
                 throughput.add(tokens)
                 window_losses.append(loss)
@@ -161,7 +192,10 @@ class Trainer:
                 if step % config.steps_per_report == 0 or step == session.total_steps:
                     self.report(step, window_losses, throughput.rate_and_reset(), bar)
                     window_losses = []
-                if config.steps_per_eval and step % config.steps_per_eval == 0:
+                # The last step is evaluated before its checkpoint, so the checkpoint contains
+                # the final best-loss bookkeeping.
+                last = step == session.total_steps
+                if config.steps_per_eval and (step % config.steps_per_eval == 0 or last):
                     if self.evaluate_and_record(step) == "stop":
                         logger.info("early stopping: no better validation loss for %d "
                                     "evaluations", config.early_stopping_patience)
@@ -171,8 +205,13 @@ class Trainer:
         finally:
             bar.close()
 
+        if self.stop is not None and self.stop.requested:
+            self.stop_after_signal()
         self.finish(time.perf_counter() - started)
         return self.state
+
+    def should_stop(self) -> bool:
+        return self.stop_requested or (self.stop is not None and self.stop.requested)
 
     def one_step(self) -> tuple[float, int]:
         session, step = self.session, self.state.step
@@ -183,25 +222,48 @@ class Trainer:
             self.state.step += 1
             return float("nan"), 0
 
-        previous = (session.loaded.model.trainable_parameters(), session.optimizer.state)
+        model, optimizer = session.loaded.model, session.optimizer
+        # New containers around the same (immutable) arrays: a cheap snapshot to undo the step.
+        before = (model.trainable_parameters(), tree_map(lambda x: x, optimizer.state))
         loss, grad_norm = session.step(micro_batches, normalizer)
-        mx.eval(loss, grad_norm, session.loaded.model.state, session.optimizer.state)
-        loss_value = loss.item()
+        mx.eval(loss, grad_norm, model.state, optimizer.state)
+        loss_value, norm_value = loss.item(), grad_norm.item()
 
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
-            message = diagnose_non_finite(loss_value, session, sources, step)
-            if self.config.nan_policy == "stop":
-                raise TrainingError(message + ". The last checkpoint is kept; resume from it "
-                                              "with --resume and a lower --learning-rate.")
-            logger.warning("%s; batch skipped (nan_policy=skip)", message)
-            session.loaded.model.update(previous[0])
-            session.optimizer.state = previous[1]
-            self.state.step += 1
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            model.update(before[0])
+            replace_optimizer_state(optimizer, before[1])
+            self.skip_non_finite(loss_value, norm_value, sources)
             return float("nan"), 0
 
         self.state.step += 1
         self.state.trained_tokens += normalizer
         return loss_value, tokens
+
+    def skip_non_finite(self, loss: float, grad_norm: float, sources: list[str]) -> None:
+        """Raise TrainingError (nan_policy stop) or log and skip the undone step (skip)."""
+        step = self.state.step
+        message = describe_non_finite(self.session, step, loss, grad_norm, sources)
+        if self.config.nan_policy == "stop":
+            kept = (f"The last checkpoint, {self.last_checkpoint}, is kept" if self.last_checkpoint
+                    else "No checkpoint was written before this step")
+            raise TrainingError(
+                f"{message}. {kept}: continue from it with --resume {self.session.run_dir} and a "
+                "lower --learning-rate, or pass --nan-policy skip to skip such batches.")
+
+        logger.warning("%s. The batch is skipped (--nan-policy skip).", message)
+        # The schedule still advances, so the skipped step keeps its place in it.
+        self.session.optimizer.state["step"] = mx.array(step + 1, dtype=mx.uint64)
+        self.state.step += 1
+
+    def record(self, values: dict) -> None:
+        """Write a metrics record; a full disk loses the record but not the run."""
+        try:
+            self.metrics.write(values)
+        except OSError as error:
+            if not self.metrics_failed:
+                logger.error("cannot write %s (%s); training continues without metrics "
+                             "records", METRICS_FILE, error.strerror)
+            self.metrics_failed = True
 
     def report(self, step: int, losses: list[float], tokens_per_second: float, bar) -> None:
         finite = [x for x in losses if math.isfinite(x)]
@@ -216,9 +278,9 @@ class Trainer:
         logger.info("step %6d/%d | train loss %.4f | lr %.3e | %8.1f tok/s | trained tokens "
                     "%d | peak mem %.2f GB", step, self.session.total_steps, loss, lr, rate,
                     self.state.trained_tokens, peak_gb)
-        self.metrics.write({"step": step, "train_loss": loss, "lr": lr,
-                            "tokens_per_second": rate, "trained_tokens": self.state.trained_tokens,
-                            "peak_memory_gb": peak_gb})
+        self.record({"step": step, "train_loss": loss, "lr": lr,
+                     "tokens_per_second": rate, "trained_tokens": self.state.trained_tokens,
+                     "peak_memory_gb": peak_gb})
 
     def evaluate_and_record(self, step: int) -> str | None:
         """Compute validation loss, keep the best adapter, and apply early stopping."""
@@ -233,38 +295,112 @@ class Trainer:
             state.best_val_loss, state.best_step = val_loss, step
             state.evals_without_improvement = 0
             if self.session.is_main and step > 0:
-                save_adapter(self.session.run_dir / BEST_DIR, self.session.loaded.model,
-                             self.session.spec)
+                self.save_best()
         else:
             state.evals_without_improvement += 1
 
         if self.session.is_main:
             logger.info("step %6d/%d | val loss %.4f%s | %.1fs", step, self.session.total_steps,
                         val_loss, " (best)" if improved else "", time.perf_counter() - started)
-            self.metrics.write({"step": step, "val_loss": val_loss,
-                                "val_perplexity": math.exp(min(val_loss, 50))})
+            self.record({"step": step, "val_loss": val_loss,
+                         "val_perplexity": math.exp(min(val_loss, 50))})
 
         patience = self.config.early_stopping_patience
         if patience is not None and state.evals_without_improvement >= patience:
             return "stop"
         return None
 
-    def save_checkpoint(self) -> None:
+    def save_best(self) -> None:
+        folder = self.session.run_dir / BEST_DIR
+        try:
+            save_adapter(folder, self.session.loaded.model, self.session.spec)
+        except (OSError, RuntimeError) as error:
+            logger.error("cannot write the best adapter to %s (%s); training continues",
+                         folder, getattr(error, "strerror", None) or error)
+
+    def fill_state(self) -> None:
+        """Record the data position, schedule position and config of the current step."""
+        state, session = self.state, self.session
+        state.config = saved_config(self.config)
+        state.data_position = self.order.position(state.step)
+        state.data_fingerprint = self.data_fingerprint
+        # The optimizer's next update uses schedule(step), where step counts updates so far.
+        state.learning_rate = float(session.schedule(state.step))
+        state.total_steps = session.total_steps
+
+    def save_checkpoint(self, critical: bool = False) -> Path | None:
+        """Write a checkpoint of the current step unless it exists; return its folder.
+
+        A failed save is logged, and the next save tries again. A failed ``critical`` save (the
+        last one of the run) is written to a rescue folder instead and raises SaveError.
+        """
         if not self.session.is_main:
-            return
-        folder = save_checkpoint(self.session.run_dir, self.session.loaded.model,
-                                 self.session.optimizer, self.session.spec, self.state,
-                                 self.config.keep_checkpoints)
+            return None
+        if self.saved_step == self.state.step:
+            return self.last_checkpoint
+
+        self.fill_state()
+        session = self.session
+        try:
+            folder = save_checkpoint(session.run_dir, session.loaded.model, session.optimizer,
+                                     session.spec, self.state, self.config.keep_checkpoints)
+        except SaveError as error:
+            if critical:
+                self.rescue(error)
+            logger.error("%s. Training continues and the next save tries again; the last "
+                         "checkpoint, %s, is intact.", error, self.last_checkpoint or "none yet")
+            return None
+
+        self.last_checkpoint, self.saved_step = folder, self.state.step
         logger.info("checkpoint written: %s", folder)
+        return folder
+
+    def rescue(self, error: SaveError) -> None:
+        """Write the state to a temporary folder after a failed last save, then raise."""
+        session, step = self.session, self.state.step
+        try:
+            root = Path(tempfile.mkdtemp(prefix="mlxlora-rescue-"))
+            folder = save_checkpoint(root, session.loaded.model, session.optimizer, session.spec,
+                                     self.state, keep=1)
+        except (OSError, SaveError):
+            last = (f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                    else "no checkpoint was written")
+            raise SaveError(f"{error}. Writing it to the temporary folder failed too; "
+                            f"{last}.") from None
+        raise SaveError(f"{error}. The training state of step {step} was written to {folder} "
+                        f"instead. Free disk space in {session.run_dir}, then continue with: "
+                        f"mlxlora train --resume {folder} --adapter-path {session.run_dir}") from None
+
+    def stop_after_signal(self) -> None:
+        """Write a checkpoint after SIGINT/SIGTERM and raise TrainingInterrupted."""
+        session, step = self.session, self.state.step
+        folder = self.save_checkpoint(critical=True)
+        if self.metrics:
+            self.metrics.close()
+            self.metrics = None
+        message = (f"stopped by {self.stop.signal_name} at step {step}/{session.total_steps}; "
+                   f"checkpoint {folder}. Continue with: mlxlora train --resume {session.run_dir}")
+        if session.is_main:
+            logger.warning("%s", message)
+        raise TrainingInterrupted(message, folder)
+
+    def save_final_adapter(self) -> None:
+        session = self.session
+        try:
+            save_adapter(session.run_dir, session.loaded.model, session.spec)
+        except (OSError, RuntimeError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise SaveError(f"cannot write the final adapter to {session.run_dir} ({reason}). "
+                            f"Checkpoint {self.last_checkpoint} holds the same weights: free "
+                            f"disk space, then run `mlxlora train --resume {session.run_dir}` to "
+                            "write the adapter.") from None
 
     def finish(self, seconds: float) -> None:
         session = self.session
-        if self.config.steps_per_eval and self.state.step % self.config.steps_per_eval != 0:
-            self.evaluate_and_record(self.state.step)
         if not session.is_main:
             return
-        self.save_checkpoint()
-        save_adapter(session.run_dir, session.loaded.model, session.spec)
+        self.save_checkpoint(critical=True)
+        self.save_final_adapter()
         if self.metrics:
             self.metrics.close()
         write_report_after_training(session.run_dir)
@@ -279,22 +415,106 @@ def write_training_config(session: Session) -> None:
     atomic_write_json(session.run_dir / TRAINING_CONFIG_FILE, content)
 
 
+def saved_config(config) -> dict:
+    """Return the config for state.json, with local model and data paths made absolute.
+
+    Options left out on resume come from here, so the paths must not depend on the folder
+    the run was started from.
+    """
+    content = asdict(config)
+    for key in ("model", "data"):
+        value = content.get(key)
+        if isinstance(value, str) and value and Path(value).exists():
+            content[key] = str(Path(value).resolve())
+    return content
+
+
+def space_needed(session: Session) -> int:
+    """Estimate the bytes a run writes: its checkpoints (adapter plus two Adam moments each,
+    keep_checkpoints + 2 at the peak of a save) and the best and final adapters."""
+    adapter_bytes = sum(v.nbytes for v in adapter_weights(session.loaded.model).values())
+    checkpoints = (session.config.keep_checkpoints + 2) * 3 * adapter_bytes
+    return checkpoints + 2 * adapter_bytes + (1 << 20)
+
+
+def restore_run(session: Session, checkpoint: Path) -> TrainingState:
+    """Check that the checkpoint fits this session, load it and tidy the run folder."""
+    saved = read_state(checkpoint)
+    check_resume_fits(session, checkpoint, saved, DataOrder(session).position(saved.step))
+    state = load_checkpoint(checkpoint, session.loaded.model, session.optimizer)
+    optimizer_step = int(session.optimizer.state["step"].item())
+    if optimizer_step != state.step:
+        raise CheckpointError(f"{checkpoint}: the optimizer state is at step {optimizer_step}, "
+                              f"state.json at step {state.step}; the checkpoint is inconsistent")
+    state.config = saved_config(session.config)
+
+    if session.is_main:
+        set_aside_newer(session.run_dir, state.step)
+        trim_metrics(session.run_dir / METRICS_FILE, state.step)
+
+    lr = float(session.schedule(state.step))
+    logger.info("resumed from %s at step %d/%d; the learning rate continues at %.3e",
+                checkpoint, state.step, session.total_steps, lr)
+    if saved.total_steps not in (None, session.total_steps):
+        logger.info("the run now has %d steps instead of %d, and the schedule follows the new "
+                    "length (learning rate at this step: %.3e before, %.3e now)",
+                    session.total_steps, saved.total_steps, saved.learning_rate or float("nan"), lr)
+    if state.step >= session.total_steps:
+        logger.warning("the checkpoint is at the last step (%d of %d): only the final adapter "
+                       "is written. Pass a larger --iters or --epochs to train further.",
+                       state.step, session.total_steps)
+    return state
+
+
+def resume_target(resolved: ResolvedConfig) -> tuple[Path | None, ResolvedConfig]:
+    """Find the checkpoint to resume from, if any, and merge its config into ``resolved``."""
+    if not resolved.config.resume:
+        return None, resolved
+    checkpoint = find_checkpoint(Path(resolved.config.resume))
+    saved = read_state(checkpoint)
+    return checkpoint, merge_config(resolved, saved.config, checkpoint, run_folder_of(checkpoint))
+
+
 def train(resolved: ResolvedConfig) -> TrainingState:
-    """Run a whole training job from a resolved config and return the final state."""
+    """Run a whole training job from a resolved config and return the final state.
+
+    Raises TrainingInterrupted, after writing a checkpoint, on SIGINT or SIGTERM.
+    """
+    checkpoint, resolved = resume_target(resolved)
     config = resolved.config
     check_report_to(config.report_to)
-    run_dir = prepare_run_dir(config)
+    group = distributed_group(config.batch_size)
+    if group is not None and group.rank() != 0:
+        # Rank 0 alone reports; other ranks log only warnings and errors.
+        logger.setLevel(logging.WARNING)
+    resume_folder = run_folder_of(checkpoint) if checkpoint else None
+    run_dir, lock = prepare_run_dir(config, resume_folder, group is None or group.rank() == 0)
+    try:
+        return run_training(resolved, run_dir, checkpoint, group)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_training(resolved: ResolvedConfig, run_dir: Path, checkpoint: Path | None,
+                 group=None) -> TrainingState:
     for line in resolved.describe():
         logger.info("config %s", line)
 
-    session = prepare_session(resolved, run_dir)
-    state = TrainingState(config=asdict(config))
-    if config.resume:
-        checkpoint = find_latest_checkpoint(Path(config.resume))
-        state = load_checkpoint(checkpoint, session.loaded.model, session.optimizer)
-        logger.info("resumed from %s at step %d", checkpoint, state.step)
+    session = prepare_session(resolved, run_dir, group)
+    state = TrainingState(config=saved_config(resolved.config))
+    if checkpoint is not None:
+        state = restore_run(session, checkpoint)
 
     if session.is_main:
+        check_free_space(run_dir, space_needed(session))
         write_training_config(session)
         write_run_summary(session)
-    return Trainer(session, state).run()
+
+    with StopRequest() as stop:
+        trainer = Trainer(session, state, stop)
+        if checkpoint is not None:
+            trainer.last_checkpoint = checkpoint
+            if same_folder(checkpoint.parent.parent, run_dir):
+                trainer.saved_step = state.step
+        return trainer.run()
