@@ -16,8 +16,9 @@ from mlxlora.errors import ConfigError
 from mlxlora.loading import LoadedModel
 from mlxlora.metric_sinks import MetricFanout, check_report_to, open_metric_sinks
 from mlxlora.report_log import MetricsWriter
-from mlxlora.run_report import (Run, find_warnings, learning_rate_curve, load_run,
-                                read_metrics, write_report)
+from mlxlora.report_checks import find_warnings
+from mlxlora.run_facts import Run, learning_rate_curve, load_run, read_metrics
+from mlxlora.run_report import write_report
 from mlxlora.schedule import build_schedule
 from mlxlora.testing.tiny import make_model, make_tokenizer
 

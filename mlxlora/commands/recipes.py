@@ -15,7 +15,9 @@ def command(name: str | None, folder: str) -> None:
     """List the recipes with the command that runs each; with NAME, print that recipe.
 
     A recipe is a commented YAML file of `mlxlora train` options, and a comment next to
-    each value gives the reason for it. Copy one to start your own: mlxlora recipes NAME > my-recipe.yaml
+    each value gives the reason for it. Copy one to start your own:
+    mlxlora recipes NAME > my-recipe.yaml. Relative paths in a recipe are relative to the
+    recipe's folder, so check data and adapter_path in the copy.
     """
     if name:
         click.echo(find_recipe(name, Path(folder)).path.read_text(encoding="utf-8"), nl=False)

@@ -19,7 +19,9 @@ def command(run_dir: str, compare: tuple[str, ...], output: str | None) -> None:
     warnings. Training writes it on its own at the end; this command rebuilds it, for
     example for a stopped run.
     """
-    from mlxlora.run_report import find_warnings, load_run, write_report
+    from mlxlora.report_checks import find_warnings
+    from mlxlora.run_facts import load_run
+    from mlxlora.run_report import write_report
 
     markdown, plot = write_report(run_dir, compare, output)
     click.echo(f"wrote {markdown} and {plot}")
