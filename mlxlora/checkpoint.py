@@ -172,9 +172,12 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def prune_checkpoints(root: Path, keep: int, protect: int | None) -> None:
-    """Delete all but the newest ``keep`` checkpoints, sparing step ``protect`` (the best)."""
-    removable = [p for p in list_checkpoints(root) if checkpoint_step(p) != protect]
-    for old in removable[:-keep] if keep > 0 else removable:
+    """Delete all but the newest ``keep`` checkpoints and the one of step ``protect`` (the best)."""
+    checkpoints = list_checkpoints(root)
+    newest = checkpoints[-keep:] if keep > 0 else []
+    for old in checkpoints:
+        if old in newest or checkpoint_step(old) == protect:
+            continue
         try:
             remove_folder_atomically(old, "deleting")
         except OSError as error:

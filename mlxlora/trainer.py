@@ -375,14 +375,22 @@ class Trainer:
         """Write a checkpoint after SIGINT/SIGTERM and raise TrainingInterrupted."""
         session, step = self.session, self.state.step
         folder = self.save_checkpoint(critical=True)
-        if self.metrics:
-            self.metrics.close()
-            self.metrics = None
+        self.close_metrics()
         message = (f"stopped by {self.stop.signal_name} at step {step}/{session.total_steps}; "
                    f"checkpoint {folder}. Continue with: mlxlora train --resume {session.run_dir}")
         if session.is_main:
             logger.warning("%s", message)
         raise TrainingInterrupted(message, folder)
+
+    def close_metrics(self) -> None:
+        """Close the metrics file and sinks; safe to call twice and on a full disk."""
+        metrics, self.metrics = self.metrics, None
+        if metrics is None:
+            return
+        try:
+            metrics.close()
+        except OSError as error:
+            logger.error("cannot finish writing %s (%s)", METRICS_FILE, error.strerror)
 
     def save_final_adapter(self) -> None:
         session = self.session
@@ -401,8 +409,7 @@ class Trainer:
             return
         self.save_checkpoint(critical=True)
         self.save_final_adapter()
-        if self.metrics:
-            self.metrics.close()
+        self.close_metrics()
         write_report_after_training(session.run_dir)
         logger.info("adapter written to %s (%d steps, %.0f s)", session.run_dir,
                     self.state.step, seconds)
@@ -517,4 +524,7 @@ def run_training(resolved: ResolvedConfig, run_dir: Path, checkpoint: Path | Non
             trainer.last_checkpoint = checkpoint
             if same_folder(checkpoint.parent.parent, run_dir):
                 trainer.saved_step = state.step
-        return trainer.run()
+        try:
+            return trainer.run()
+        finally:
+            trainer.close_metrics()
