@@ -180,6 +180,9 @@ class Trainer:
             # Every process evaluates, because validation loss is summed across processes.
             self.evaluate_and_record(step=0)
 
+        # Creating the Adam moments now, not in the first update, lets a skipped first step
+        # restore a complete optimizer state.
+        session.optimizer.init(session.loaded.model.trainable_parameters())
         bar = ProgressBar(session.total_steps, self.state.step, enabled=None if session.is_main else False)
         throughput, window_losses, started = Throughput(), [], time.perf_counter()
         try:
@@ -219,7 +222,7 @@ class Trainer:
         if normalizer == 0:
             logger.warning("step %d: no trainable tokens in the batch (%s); skipped",
                            step + 1, ", ".join(sources[:4]))
-            self.state.step += 1
+            self.advance_schedule()
             return float("nan"), 0
 
         model, optimizer = session.loaded.model, session.optimizer
@@ -244,16 +247,26 @@ class Trainer:
         step = self.state.step
         message = describe_non_finite(self.session, step, loss, grad_norm, sources)
         if self.config.nan_policy == "stop":
-            kept = (f"The last checkpoint, {self.last_checkpoint}, is kept" if self.last_checkpoint
-                    else "No checkpoint was written before this step")
-            raise TrainingError(
-                f"{message}. {kept}: continue from it with --resume {self.session.run_dir} and a "
-                "lower --learning-rate, or pass --nan-policy skip to skip such batches.")
+            if self.last_checkpoint:
+                action = (f"The last checkpoint, {self.last_checkpoint}, is kept: continue from "
+                          f"it with --resume {self.session.run_dir} and a lower --learning-rate")
+            else:
+                action = ("No checkpoint was written before this step: start again with "
+                          "--overwrite and a lower --learning-rate")
+            raise TrainingError(f"{message}. {action}, or pass --nan-policy skip to skip such "
+                                "batches.")
 
         logger.warning("%s. The batch is skipped (--nan-policy skip).", message)
-        # The schedule still advances, so the skipped step keeps its place in it.
-        self.session.optimizer.state["step"] = mx.array(step + 1, dtype=mx.uint64)
+        self.advance_schedule()
+
+    def advance_schedule(self) -> None:
+        """Count a skipped step in the trainer and the optimizer alike.
+
+        The optimizer's step count is the schedule position, and a checkpoint whose counts
+        differ is rejected on resume.
+        """
         self.state.step += 1
+        self.session.optimizer.state["step"] = mx.array(self.state.step, dtype=mx.uint64)
 
     def record(self, values: dict) -> None:
         """Write a metrics record; a full disk loses the record but not the run."""

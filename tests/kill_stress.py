@@ -30,6 +30,9 @@ from mlxlora.testing.tiny import save_model_folder
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
 KILL_MODES = ("save", "steps", "random")
+# A round trains at most about this many steps past its newest checkpoint, so 20 rounds
+# cannot finish a run of stress_flags' default length before the last kill.
+MAX_STEPS_PER_ROUND = 3
 ROUND_TIMEOUT_SECONDS = 120
 
 
@@ -95,9 +98,9 @@ def save_in_progress(run_dir: Path) -> bool:
     return root.is_dir() and any(p.name.endswith(".partial") for p in root.iterdir())
 
 
-def count_steps(log: Path) -> int:
+def count_lines(log: Path, text: str) -> int:
     try:
-        return log.read_text(errors="replace").count("train loss")
+        return log.read_text(errors="replace").count(text)
     except FileNotFoundError:
         return 0
 
@@ -130,21 +133,37 @@ class StressResult:
 
 def wait_and_kill(process: subprocess.Popen, mode: str, output: Path, log: Path,
                   rng: random.Random) -> bool:
-    """Kill ``process`` with SIGKILL at a moment chosen by ``mode``; return True if killed."""
-    deadline = time.monotonic() + ROUND_TIMEOUT_SECONDS
-    steps_at_start = count_steps(log)
-    target_steps = steps_at_start + rng.randint(1, 6)
-    random_delay = time.monotonic() + rng.uniform(0.5, 6.0)
+    """Kill ``process`` with SIGKILL at a moment chosen by ``mode``; return True if killed.
 
+    "save" kills while the (1 + 0..2)th checkpoint of the round is being written, "steps"
+    up to 20 ms after 1..MAX_STEPS_PER_ROUND steps, and "random" at a random time in the
+    first 3 s (often still loading) but no later than MAX_STEPS_PER_ROUND steps.
+    """
+    deadline = time.monotonic() + ROUND_TIMEOUT_SECONDS
+    saves_before_kill = rng.randint(0, MAX_STEPS_PER_ROUND - 1)
+    steps_before_kill = rng.randint(1, MAX_STEPS_PER_ROUND)
+    random_time = time.monotonic() + rng.uniform(0.2, 3.0)
+
+    training = False
     while process.poll() is None and time.monotonic() < deadline:
-        if mode == "save" and save_in_progress(output):
+        if mode == "save" and not training:
+            # Until training starts, a .partial folder is a leftover of the last round.
+            training = count_lines(log, "train loss") > 0
+            time.sleep(0.005)
+            continue
+        if mode == "save":
+            if save_in_progress(output) and count_lines(log, "checkpoint written") >= saves_before_kill:
+                break
+            time.sleep(0.001)
+            continue
+
+        steps = count_lines(log, "train loss")
+        if mode == "steps" and steps >= steps_before_kill:
+            time.sleep(rng.uniform(0.0, 0.02))
             break
-        if mode == "steps" and count_steps(log) >= target_steps:
-            time.sleep(rng.uniform(0.0, 0.03))
+        if mode == "random" and (time.monotonic() >= random_time or steps >= MAX_STEPS_PER_ROUND):
             break
-        if mode == "random" and time.monotonic() >= random_delay:
-            break
-        time.sleep(0.001 if mode == "save" else 0.01)
+        time.sleep(0.005)
 
     if process.poll() is not None:
         return False
@@ -163,8 +182,11 @@ def run_round(workspace: Path, output: Path, flags: list[str], mode: str,
         process = subprocess.Popen(train_command(workspace, output, flags + extra),
                                    stdout=subprocess.DEVNULL, stderr=handle)
         killed = wait_and_kill(process, mode, output, log, rng)
-    return Round(mode, process.returncode, killed, killed and save_in_progress(output),
-                 newest_before, newest_step(output), time.monotonic() - started)
+    # Leftover .partial folders are removed before training starts, so after the first step
+    # one can only come from a save this round was killed in.
+    in_save = killed and count_lines(log, "train loss") > 0 and save_in_progress(output)
+    return Round(mode, process.returncode, killed, in_save, newest_before, newest_step(output),
+                 time.monotonic() - started)
 
 
 def stress(workspace: Path, output: Path, flags: list[str], kills: int,
@@ -190,7 +212,7 @@ def stress(workspace: Path, output: Path, flags: list[str], kills: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--iters", type=int, default=60)
+    parser.add_argument("--iters", type=int, default=80)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/mlxlora-kill-stress"))
     args = parser.parse_args()
 
@@ -215,7 +237,7 @@ def main() -> None:
         print(f"per-step train loss: {len(expected)} steps, max difference {worst:.3g}")
 
 
-def stress_flags(iters: int) -> list[str]:
+def stress_flags(iters: int = 80) -> list[str]:
     """Return train flags for a short run that saves at every step, with dropout on."""
     return ["--iters", str(iters), "--batch-size", "2", "--steps-per-report", "1",
             "--save-every", "1", "--steps-per-eval", "10", "--val-batches", "-1",
