@@ -33,6 +33,9 @@ READ_PROBLEM_CHECKS = (
     ("unknown role", "unknown-role"),
 )
 
+# Findings that load_splits also logs, from the encoded splits' summaries.
+TRAINING_LOGGED_CHECKS = ("too-long", "lost-targets", "no-targets")
+
 SHORT_COMPLETION_WORDS = 2
 LISTED_GROUPS = 10
 FIRST_WORDS = 5
@@ -425,6 +428,8 @@ def check_before_training(config, tokenizer) -> DataReport:
                                f"training did not start (`mlxlora data check {config.data}` "
                                f"shows the whole report):")
     for finding in report.warnings:
-        logger.warning("data check (%s): %s %s", finding.split, finding.message,
-                       _listing(finding.sources, 3))
+        # Training logs its own lines about truncation and rows without targets.
+        if finding.check not in TRAINING_LOGGED_CHECKS:
+            logger.warning("data check (%s): %s %s", finding.split, finding.message,
+                           _listing(finding.sources, 3))
     return report

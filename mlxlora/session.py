@@ -15,11 +15,13 @@ from mlxlora.adapters import AdapterSpec, base_fingerprint, base_signature
 from mlxlora.attach import attach_lora, parameter_counts, resolve_targets
 from mlxlora.batching import batch_indices
 from mlxlora.config import ResolvedConfig
+from mlxlora.data_check import check_before_training
 from mlxlora.errors import ConfigError
 from mlxlora.data_formats import find_splits, read_examples
 from mlxlora.grad_checkpoint import enable_grad_checkpoint
 from mlxlora.hyperparams import choose_learning_rate, hyperparameter_warnings
 from mlxlora.loading import LoadedModel, load_model
+from mlxlora.memory_plan import MemoryPlan, log_plan, plan_training
 from mlxlora.prompt import encode_split
 from mlxlora.schedule import build_schedule, default_warmup
 from mlxlora.step import TrainStep
@@ -44,6 +46,7 @@ class Session:
     schedule: object
     group: object | None
     run_dir: Path
+    memory_plan: MemoryPlan | None = None
 
     @property
     def config(self):
@@ -101,6 +104,8 @@ def distributed_group(batch_size: int | None = None):
 def load_splits(config, tokenizer):
     """Read, validate and encode train and valid splits; raise DataError before any compute."""
     splits = find_splits(config.data)
+    if not config.skip_data_check:
+        check_before_training(config, tokenizer)
     encoded = {}
     for name in ("train", "valid"):
         if name not in splits:
@@ -167,6 +172,8 @@ def prepare_session(resolved: ResolvedConfig, run_dir: Path, group=None) -> Sess
     train_split, valid_split = load_splits(config, loaded.tokenizer)
     spec = attach_adapter(config, loaded)
     log_parameters(loaded.model, spec)
+    memory_plan = plan_training(loaded, config, spec.target_modules, train_split.summary.longest)
+    log_plan(memory_plan)
 
     total_steps, batches_per_epoch = count_steps(config, len(train_split.examples), world)
     hidden_size = loaded.config.get("hidden_size", 0)
@@ -184,7 +191,7 @@ def prepare_session(resolved: ResolvedConfig, run_dir: Path, group=None) -> Sess
     step = TrainStep(loaded.model, optimizer, config.max_grad_norm, group)
 
     return Session(resolved, loaded, spec, train_split, valid_split, optimizer, step, total_steps,
-                   batches_per_epoch, choice.value, schedule, group, run_dir)
+                   batches_per_epoch, choice.value, schedule, group, run_dir, memory_plan)
 
 
 def epoch_batches(session: Session, epoch: int) -> list[list[int]]:

@@ -21,6 +21,7 @@ from mlxlora.checkpoint import (CheckpointError, SaveError, TrainingState, find_
 from mlxlora.config import ResolvedConfig
 from mlxlora.errors import MlxloraError
 from mlxlora.files import atomic_write_json
+from mlxlora.memory_plan import compare_peak
 from mlxlora.metric_sinks import check_report_to, open_metric_sinks
 from mlxlora.report_log import MetricsWriter, ProgressBar, Throughput
 from mlxlora.run_report import write_report_after_training, write_run_summary
@@ -164,6 +165,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.saved_step: int | None = None
         self.metrics_failed = False
+        self.peak_compared = False
 
     @property
     def config(self):
@@ -171,6 +173,8 @@ class Trainer:
 
     def run(self) -> TrainingState:
         session, config = self.session, self.config
+        # Model loading can peak higher than training, so the reported peak starts here.
+        mx.reset_peak_memory()
         if session.is_main:
             append = self.state.step > 0
             self.metrics = open_metric_sinks(
@@ -291,6 +295,9 @@ class Trainer:
         logger.info("step %6d/%d | train loss %.4f | lr %.3e | %8.1f tok/s | trained tokens "
                     "%d | peak mem %.2f GB", step, self.session.total_steps, loss, lr, rate,
                     self.state.trained_tokens, peak_gb)
+        if self.session.memory_plan is not None and not self.peak_compared:
+            self.peak_compared = True
+            logger.info("%s", compare_peak(self.session.memory_plan, mx.get_peak_memory()))
         self.record({"step": step, "train_loss": loss, "lr": lr,
                      "tokens_per_second": rate, "trained_tokens": self.state.trained_tokens,
                      "peak_memory_gb": peak_gb})
