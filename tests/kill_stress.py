@@ -135,9 +135,10 @@ def wait_and_kill(process: subprocess.Popen, mode: str, output: Path, log: Path,
                   rng: random.Random) -> bool:
     """Kill ``process`` with SIGKILL at a moment chosen by ``mode``; return True if killed.
 
-    "save" kills while the (1 + 0..2)th checkpoint of the round is being written, "steps"
-    up to 20 ms after 1..MAX_STEPS_PER_ROUND steps, and "random" at a random time in the
-    first 3 s (often still loading) but no later than MAX_STEPS_PER_ROUND steps.
+    "save" kills while one of the round's first MAX_STEPS_PER_ROUND checkpoints is being
+    written. "steps" kills up to 20 ms after 1 to MAX_STEPS_PER_ROUND steps. "random" kills
+    at a random time in the first 3 s (often while loading), or after MAX_STEPS_PER_ROUND
+    steps if those come first.
     """
     deadline = time.monotonic() + ROUND_TIMEOUT_SECONDS
     saves_before_kill = rng.randint(0, MAX_STEPS_PER_ROUND - 1)
