@@ -118,7 +118,17 @@ def data_lines(run: Run) -> list[str]:
                      f"({share:.0f}%); longest {split['longest']} tokens (max_seq_length "
                      f"{split['max_seq_length']}).")
         lines.extend(f"  - {note}" for note in split.get("notes", []))
-    return lines
+    return lines + data_check_lines(run.summary.get("data_check_warnings"))
+
+
+def data_check_lines(warnings: list[str] | None) -> list[str]:
+    if warnings is None:
+        return ["- Data check: skipped (--skip-data-check)."]
+    if not warnings:
+        return ["- Data check: no warnings."]
+    noun = "warning" if len(warnings) == 1 else "warnings"
+    lines = [f"- Data check: {len(warnings)} {noun} (`mlxlora data check` shows the rows):"]
+    return lines + [f"  - {warning}" for warning in warnings]
 
 
 def table(header: list[str], rows: list[tuple]) -> list[str]:

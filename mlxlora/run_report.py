@@ -42,12 +42,28 @@ def split_summary(split) -> dict | None:
     }
 
 
-def write_run_summary(session, memory_plan_gb: float | None = None) -> None:
+def data_check_warnings(config) -> list[str] | None:
+    """Return the warnings of the data check that train ran, or None when it was skipped.
+
+    The check runs again without a tokenizer, which takes a re-read of the files: the
+    token-length findings it leaves out are in the split summaries instead.
+    """
+    if config.skip_data_check:
+        return None
+    from mlxlora.data_check import check_data
+
+    report = check_data(config.data, config, split_names=("train", "valid"))
+    return [f"{finding.split}: {finding.message}" if finding.split else finding.message
+            for finding in report.warnings]
+
+
+def write_run_summary(session) -> None:
     """Write run_summary.json: what the report needs that metrics.jsonl does not hold."""
     from mlxlora.attach import parameter_counts
     from mlxlora.hyperparams import rule_learning_rate
 
     loaded, config = session.loaded, session.config
+    plan = session.memory_plan
     total, trainable = parameter_counts(loaded.model)
     model_type = loaded.config.get("model_type", "")
     hidden_size = loaded.config.get("hidden_size", 0)
@@ -65,9 +81,10 @@ def write_run_summary(session, memory_plan_gb: float | None = None) -> None:
         "effective_batch": config.batch_size * config.grad_accumulation_steps,
         "processes": world,
         "batches_per_epoch": session.batches_per_epoch,
-        "memory_plan_gb": memory_plan_gb,
+        "memory_plan_gb": plan.estimate.total / 1e9 if plan is not None else None,
         "data": {"train": split_summary(session.train_split),
                  "valid": split_summary(session.valid_split)},
+        "data_check_warnings": data_check_warnings(config),
     }
     atomic_write_json(session.run_dir / SUMMARY_FILE, content)
 

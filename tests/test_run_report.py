@@ -39,7 +39,8 @@ def summary(**changes):
                "dtype": "float32", "parameters": {"total": 1_100_000, "trainable": 100_000},
                "lora_modules": 14, "rule_learning_rate": 1.32e-3, "effective_batch": 8,
                "processes": 1, "batches_per_epoch": 10, "memory_plan_gb": 2.0,
-               "data": {"train": split_facts(), "valid": split_facts()}}
+               "data": {"train": split_facts(), "valid": split_facts()},
+               "data_check_warnings": []}
     content.update(changes)
     return content
 
@@ -230,6 +231,7 @@ def test_write_report_files(tmp_path):
     assert "| Validation loss before training (step 0) | 2.5000 |" in text
     assert "| rank r | 8 | recipe r.yaml |  |" in text
     assert "- Peak memory: 1.50 GB; the plan estimated 2.00 GB." in text
+    assert "- Data check: no warnings." in text
     assert text.rstrip().endswith("## Warnings\n\nNone.")
 
 
@@ -414,13 +416,14 @@ def test_failing_sink_is_dropped(tmp_path, caplog):
 
 
 def write_chat_data(folder):
+    """Write 8 training rows plus a copy of the first, and 4 validation rows of their own."""
     folder.mkdir()
-    for split, count in (("train", 8), ("valid", 4)):
-        rows = [{"messages": [{"role": "user", "content": f"Say {i}."},
-                              {"role": "assistant", "content": f"{i} {i} {i}"}]}
-                for i in range(count)]
+    rows = [{"messages": [{"role": "user", "content": f"Say {i}."},
+                          {"role": "assistant", "content": f"{i} {i} {i}"}]}
+            for i in range(12)]
+    for split, split_rows in (("train", rows[:8] + rows[:1]), ("valid", rows[8:])):
         (folder / f"{split}.jsonl").write_text(
-            "".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+            "".join(json.dumps(row) + "\n" for row in split_rows), encoding="utf-8")
     return folder
 
 
@@ -441,14 +444,19 @@ def test_training_writes_summary_report_and_sink(tmp_path, monkeypatch, fake_ten
 
     train(resolve_config(None, flags))
     facts = json.loads((run / "run_summary.json").read_text(encoding="utf-8"))
+    report = (run / "report.md").read_text(encoding="utf-8")
     total, trainable = parameter_counts(model)
     tags = {(tag, step) for tag, _, step in fake_tensorboard.writers[0].scalars}
 
     assert facts["parameters"] == {"total": total, "trainable": trainable}
-    assert facts["data"]["train"]["examples"] == 8
+    assert facts["data"]["train"]["examples"] == 9
     assert facts["data"]["valid"]["examples"] == 4
     assert facts["effective_batch"] == 4
-    assert "| Steps | 2 of 2 |" in (run / "report.md").read_text(encoding="utf-8")
+    assert facts["memory_plan_gb"] > 0
+    assert len(facts["data_check_warnings"]) == 1
+    assert facts["data_check_warnings"][0].startswith("train: 1 row is an exact copy")
+    assert "| Steps | 2 of 2 |" in report
+    assert "- Data check: 1 warning (`mlxlora data check` shows the rows):" in report
     assert (run / "loss.png").read_bytes().startswith(PNG_SIGNATURE)
     assert {("val/loss", 0), ("train/loss", 1), ("train/loss", 2), ("val/loss", 2)} <= tags
     assert fake_tensorboard.writers[0].closed
