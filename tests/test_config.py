@@ -1,3 +1,4 @@
+import click
 import pytest
 
 from mlxlora.config import FIELDS, TrainConfig, resolve_config
@@ -87,3 +88,22 @@ def test_describe_lists_every_field():
     lines = resolve_config().describe()
     assert len(lines) == len(FIELDS)
     assert any(line.startswith("r ") and "(default)" in line for line in lines)
+
+
+def test_bare_resume_means_adapter_path():
+    from click.testing import CliRunner
+
+    from mlxlora.commands.options import config_options
+
+    seen = {}
+
+    @click.command()
+    @config_options(["adapter_path", "resume"])
+    def probe(**flags):
+        seen.update(resolve_config(None, flags).config.to_dict())
+
+    runner = CliRunner()
+    assert runner.invoke(probe, ["--adapter-path", "runs/a", "--resume"]).exit_code == 0
+    assert seen["resume"] == "runs/a"
+    assert runner.invoke(probe, ["--resume", "runs/b/checkpoints/step-0000010"]).exit_code == 0
+    assert seen["resume"] == "runs/b/checkpoints/step-0000010"

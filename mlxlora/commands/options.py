@@ -5,7 +5,7 @@ import typing
 
 import click
 
-from mlxlora.config import FIELDS, flag_name
+from mlxlora.config import FIELDS, RESUME_FROM_ADAPTER_PATH, flag_name
 
 
 def _click_type(spec):
@@ -40,7 +40,11 @@ def config_options(names: list[str] | None = None):
             default = field_default(spec)
             if default not in (None, []):
                 help_text += f"  [default: {default}]"
-            if _is_bool(spec):
+            if name == "resume":
+                function = click.option(flag, name, type=str, default=None, is_flag=False,
+                                        flag_value=RESUME_FROM_ADAPTER_PATH,
+                                        help=help_text)(function)
+            elif _is_bool(spec):
                 decl = f"{flag}/--no-{flag[2:]}"
                 function = click.option(decl, name, default=None, help=help_text)(function)
             else:
