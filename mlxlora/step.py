@@ -4,6 +4,10 @@ The model, optimizer state and random state are captured by mx.compile, so one c
 a whole optimizer step without leaving the compiled graph. With gradient accumulation the
 step is split into a compiled gradient function, called once per micro-batch, and a
 compiled update.
+
+When the model splits into body and output projection (mlxlora.output_head), the loss
+projects only the target positions. The host picks them from the mask before the step, so
+the compiled graph gets fixed shapes and needs no host synchronisation.
 """
 
 from functools import partial
@@ -11,9 +15,12 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_map
 
-from mlxlora.loss import masked_loss
+from mlxlora.loss import (fused_cross_entropy, masked_loss, select_targets, selected_loss,
+                          selected_loss_sum)
+from mlxlora.output_head import find_output_head
 
 
 def sum_across_processes(tree, group):
@@ -30,30 +37,47 @@ def clip_gradients(grads, max_grad_norm: float | None):
     return optim.clip_grad_norm(grads, max_grad_norm)
 
 
+def batch_loss_function(head):
+    """Return loss(model, normalizer, *batch_arrays) for the arrays that prepare_batch makes."""
+    if head is None:
+        def full_logits_loss(model, normalizer, inputs, targets, mask):
+            return masked_loss(model, inputs, targets, mask, normalizer)
+        return full_logits_loss
+
+    fused = fused_cross_entropy(head.matrix) if head.matrix else None
+
+    def target_logits_loss(model, normalizer, inputs, positions, targets, weights):
+        return selected_loss(head, fused, inputs, positions, targets, weights, normalizer)
+    return target_logits_loss
+
+
 class TrainStep:
     """Compiled functions for one optimizer step and for validation loss.
 
     ``group`` is an mx.distributed group for data-parallel runs, or None.
+    ``select_logits=False`` forces the full-logits loss, which gives the same values.
     """
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer,
-                 max_grad_norm: float | None, group=None, compile: bool = True):
+                 max_grad_norm: float | None, group=None, compile: bool = True,
+                 select_logits: bool = True):
         self.model = model
         self.optimizer = optimizer
         self.group = group
+        self.head = find_output_head(model) if select_logits else None
         state = [model.state, optimizer.state, mx.random.state]
-        loss_and_grad = nn.value_and_grad(model, masked_loss)
+        loss_and_grad = nn.value_and_grad(model, batch_loss_function(self.head))
         wrap = partial(mx.compile, inputs=state, outputs=state) if compile else (lambda f: f)
 
-        def full_step(inputs, targets, mask, normalizer):
-            loss, grads = loss_and_grad(model, inputs, targets, mask, normalizer)
+        def full_step(normalizer, *batch):
+            loss, grads = loss_and_grad(model, normalizer, *batch)
             loss, grads = sum_across_processes((loss, grads), group)
             grads, norm = clip_gradients(grads, max_grad_norm)
             optimizer.update(model, grads)
             return loss, norm
 
-        def gradients(inputs, targets, mask, normalizer):
-            return loss_and_grad(model, inputs, targets, mask, normalizer)
+        def gradients(normalizer, *batch):
+            return loss_and_grad(model, normalizer, *batch)
 
         def update(loss, grads):
             loss, grads = sum_across_processes((loss, grads), group)
@@ -62,6 +86,10 @@ class TrainStep:
             return loss, norm
 
         def evaluate(inputs, targets, mask):
+            if self.head is not None:
+                selection = select_targets(np.array(targets), np.array(mask))
+                return selected_loss_sum(self.head, inputs, selection.positions,
+                                         selection.targets, selection.weights)
             logits = model(inputs).astype(mx.float32)
             losses = nn.losses.cross_entropy(logits, targets, reduction="none")
             return (losses * mask).sum(), mask.sum()
@@ -80,12 +108,11 @@ class TrainStep:
         """
         count = mx.array(normalizer, dtype=mx.float32)
         if len(micro_batches) == 1:
-            inputs, targets, mask = micro_batches[0]
-            return self._full_step(inputs, targets, mask, count)
+            return self._full_step(count, *self.prepare_batch(*micro_batches[0]))
 
         total_loss, total_grads = None, None
-        for inputs, targets, mask in micro_batches:
-            loss, grads = self._gradients(inputs, targets, mask, count)
+        for micro_batch in micro_batches:
+            loss, grads = self._gradients(count, *self.prepare_batch(*micro_batch))
             if total_grads is None:
                 total_loss, total_grads = loss, grads
             else:
@@ -93,6 +120,13 @@ class TrainStep:
                 total_grads = tree_map(mx.add, total_grads, grads)
             mx.eval(total_loss, total_grads)
         return self._update(total_loss, total_grads)
+
+    def prepare_batch(self, inputs, targets, mask) -> tuple:
+        """Return the arrays the compiled loss takes: the batch itself, or its target rows."""
+        if self.head is None:
+            return inputs, targets, mask
+        selection = select_targets(np.array(targets), np.array(mask))
+        return inputs, selection.positions, selection.targets, selection.weights
 
     def loss_sum(self, inputs, targets, mask):
         """Return (sum of token losses, number of target tokens) for one batch, dropout off."""
