@@ -1,7 +1,7 @@
 """Warnings about a finished run: settings, curves, data and memory that usually go wrong."""
 
 from mlxlora.hyperparams import hyperparameter_warnings
-from mlxlora.run_facts import Run, is_finite, peak_memory
+from mlxlora.run_facts import Run, effective_batch, is_finite, peak_memory
 
 # A validation loss this much above its best, at the last evaluation, reads as overfitting
 # rather than noise between evaluations.
@@ -18,7 +18,7 @@ def learning_rate_warnings(run: Run) -> list[str]:
     summary = run.summary
     if run.learning_rate is None or not summary.get("hidden_size"):
         return []
-    return hyperparameter_warnings(run.learning_rate, summary.get("effective_batch", 0),
+    return hyperparameter_warnings(run.learning_rate, effective_batch(run) or 0,
                                    summary.get("model_type", ""), summary["hidden_size"])
 
 

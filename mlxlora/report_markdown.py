@@ -3,7 +3,8 @@
 import json
 
 from mlxlora.report_checks import find_warnings
-from mlxlora.run_facts import Run, is_finite, median_tokens_per_second, peak_memory, scaling
+from mlxlora.run_facts import (Run, effective_batch, is_finite, median_tokens_per_second,
+                               peak_memory, scaling)
 
 def number(value, format_spec: str = ".4f", missing: str = "n/a") -> str:
     return format(value, format_spec) if is_finite(value) else missing
@@ -49,7 +50,7 @@ def settings_table(run: Run) -> list[str]:
          lr_note),
         ("schedule", f"{config.get('lr_schedule', '?')}, warmup {warmup_text}",
          source(run, "lr_schedule"), ""),
-        ("effective batch", str(summary.get("effective_batch", "?")),
+        ("effective batch", str(effective_batch(run) or "?"),
          source(run, "batch_size"),
          f"batch_size {config.get('batch_size', '?')} x grad_accumulation_steps "
          f"{config.get('grad_accumulation_steps', '?')}"),
@@ -186,7 +187,7 @@ def comparison_rows(runs: list[Run]) -> list[tuple]:
         row("last training loss",
             lambda r: number(r.train[-1]["train_loss"]) if r.train else "n/a"),
         row("learning rate", lambda r: number(r.learning_rate, ".3g")),
-        row("effective batch", lambda r: str(r.summary.get("effective_batch", "?"))),
+        row("effective batch", lambda r: str(effective_batch(r) or "?")),
         row("rank r / lora_alpha",
             lambda r: f"{r.config.get('r', '?')} / {r.config.get('lora_alpha', '?')}"),
         row("target modules", lambda r: ", ".join(r.config.get("target_modules", [])) or "?"),

@@ -115,6 +115,14 @@ def median_tokens_per_second(run: Run) -> float | None:
     return statistics.median(rates) if rates else None
 
 
+def effective_batch(run: Run) -> int | None:
+    """Return examples per optimizer step, from the summary or, for older runs, the config."""
+    if run.summary.get("effective_batch"):
+        return run.summary["effective_batch"]
+    batch, accumulation = run.config.get("batch_size"), run.config.get("grad_accumulation_steps")
+    return batch * accumulation if batch and accumulation else None
+
+
 def peak_memory(run: Run) -> float | None:
     values = [r["peak_memory_gb"] for r in run.train if is_finite(r.get("peak_memory_gb"))]
     return max(values) if values else None

@@ -235,6 +235,18 @@ def test_write_report_files(tmp_path):
     assert text.rstrip().endswith("## Warnings\n\nNone.")
 
 
+def test_write_report_without_summary(tmp_path):
+    run = make_run(tmp_path)
+    run.summary = {}
+    save_run(run)
+
+    markdown, _ = write_report(tmp_path)
+    text = markdown.read_text(encoding="utf-8")
+
+    assert "| effective batch | 8 | " in text
+    assert "- No data summary (run_summary.json is missing)." in text
+
+
 def test_write_report_compare(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
