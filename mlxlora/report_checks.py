@@ -22,13 +22,24 @@ def learning_rate_warnings(run: Run) -> list[str]:
                                    summary.get("model_type", ""), summary["hidden_size"])
 
 
-def overfitting_warning(run: Run) -> str | None:
+def validation_warning(run: Run) -> str | None:
+    """Warn when the last validation loss is clearly above the best one.
+
+    A best loss at step 0, the evaluation before training, means training never helped,
+    which points at the learning rate; a later best means overfitting.
+    """
     best, finite = run.best_val, [r for r in run.val if is_finite(r.get("val_loss"))]
-    if best is None or len(finite) < 3:
+    if best is None or len(finite) < 2:
         return None
     last = finite[-1]
     if last["step"] == best["step"] or last["val_loss"] <= best["val_loss"] * (1 + OVERFIT_MARGIN):
         return None
+
+    if best["step"] == 0:
+        return (f"Validation loss never fell below its value before training "
+                f"({best['val_loss']:.4f}) and ended at {last['val_loss']:.4f} (step "
+                f"{last['step']}): the learning rate is probably too high. Try 3-10x lower, or "
+                "measure it with `mlxlora sweep`.")
     return (f"Validation loss rose from {best['val_loss']:.4f} (step {best['step']}) to "
             f"{last['val_loss']:.4f} (step {last['step']}): the adapter is overfitting, learning "
             "the training rows instead of the task. best/ holds the adapter of step "
@@ -108,7 +119,7 @@ def memory_warning(run: Run) -> str | None:
 def find_warnings(run: Run) -> list[str]:
     """Return every warning about the run's settings, data and curves."""
     warnings = learning_rate_warnings(run)
-    for check in (overfitting_warning, progress_warning, non_finite_warning, memory_warning):
+    for check in (validation_warning, progress_warning, non_finite_warning, memory_warning):
         message = check(run)
         if message:
             warnings.append(message)

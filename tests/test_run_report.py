@@ -147,6 +147,15 @@ def test_warning_rising_validation_loss(tmp_path):
     assert warning_containing(warnings, "rose from 1.0000 (step 10) to 1.2000 (step 20)")
 
 
+def test_warning_validation_never_improved(tmp_path):
+    val = [val_record(0, 2.5), val_record(10, 3.0), val_record(20, 3.5)]
+
+    warnings = find_warnings(make_run(tmp_path, val=val))
+
+    assert warning_containing(warnings, "never fell below its value before training (2.5000)")
+    assert warning_containing(warnings, "overfitting") == []
+
+
 def test_no_overfitting_warning_within_margin(tmp_path):
     val = [val_record(0, 2.5), val_record(10, 1.0), val_record(20, 1.01)]
 
