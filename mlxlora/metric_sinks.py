@@ -26,14 +26,31 @@ PROVIDERS = {
 }
 
 
+def is_missing(error: ImportError, module_name: str) -> bool:
+    """Return whether an import failed because the module itself (or a parent) is absent."""
+    if not isinstance(error, ModuleNotFoundError) or error.name is None:
+        return False
+    return module_name == error.name or module_name.startswith(error.name + ".")
+
+
 def import_provider(name: str):
-    """Import the module behind a sink; return None when none of its modules is installed."""
-    modules, _ = PROVIDERS[name]
+    """Import the module behind a sink; return None when none of its modules is installed.
+
+    A module that is installed but fails to import raises ConfigError with the import
+    error, so a broken installation is not reported as a missing package.
+    """
+    modules, package = PROVIDERS[name]
+    broken = None
     for module_name in modules:
         try:
             return importlib.import_module(module_name)
-        except ImportError:
-            continue
+        except ImportError as error:
+            if not is_missing(error, module_name) and broken is None:
+                broken = f"importing {module_name} failed ({error})"
+
+    if broken:
+        raise ConfigError(f"--report-to {name}: {broken}. Repair that installation, or install "
+                          f"{package}: pip install --upgrade {package}")
     return None
 
 

@@ -1,5 +1,6 @@
 """The run report (report.md, loss.png), its warnings, `mlxlora report`, and the metric sinks."""
 
+import importlib
 import json
 import logging
 import math
@@ -372,6 +373,26 @@ def test_check_report_to_missing_packages(monkeypatch):
         "--report-to wandb: the Python package wandb is not installed. "
         "Install it with: pip install wandb",
     ]
+
+
+def test_check_report_to_broken_install(monkeypatch):
+    real_import = importlib.import_module
+
+    def import_module(name):
+        if name == "tensorboardX":
+            raise ImportError("libprotobuf.so: cannot open shared object file")
+        return real_import(name)
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setattr(importlib, "import_module", import_module)
+
+    with pytest.raises(ConfigError) as caught:
+        check_report_to(["tensorboard"])
+
+    assert str(caught.value) == (
+        "--report-to tensorboard: importing tensorboardX failed (libprotobuf.so: cannot open "
+        "shared object file). Repair that installation, or install tensorboardX: "
+        "pip install --upgrade tensorboardX")
 
 
 def test_tensorboard_sink_receives_records(tmp_path, fake_tensorboard):
