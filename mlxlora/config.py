@@ -155,7 +155,9 @@ class TrainConfig:
     )
     overwrite: bool = option(False, "Replace a finished run in adapter_path.")
     report_to: list[str] = option(
-        [], "Extra metric sinks: tensorboard, wandb. Comma-separated on the command line."
+        [],
+        "Extra metric sinks: tensorboard (pip install tensorboardX; logs go to "
+        "ADAPTER_PATH/tensorboard) and wandb (pip install wandb). Comma-separated.",
     )
 
     def to_dict(self) -> dict:
@@ -266,7 +268,9 @@ def read_recipe(path: str) -> dict:
         if isinstance(value, str) and not Path(value).is_absolute():
             candidate = recipe_path.parent / value
             if key in OUTPUT_PATH_KEYS or candidate.exists():
-                content[key] = os.path.normpath(candidate)
+                # Absolute, so commands run later from another folder (fuse, chat, report)
+                # still find what the saved config names.
+                content[key] = os.path.normpath(candidate.resolve())
     return content
 
 
@@ -345,3 +349,11 @@ def resolve_config(recipe: str | None = None, flags: dict | None = None) -> Reso
 def flag_name(name: str) -> str:
     """Return the command-line flag of a config field."""
     return FIELDS[name].metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+def require_data(config: TrainConfig) -> None:
+    """Raise ConfigError when a command that trains has no data set."""
+    if config.data is None:
+        raise ConfigError("--data is required: a folder with train.jsonl (and optional "
+                          "valid.jsonl, test.jsonl) or one .jsonl file; pass --data or set "
+                          "'data:' in the recipe")

@@ -107,3 +107,23 @@ def test_bare_resume_means_adapter_path():
     assert seen["resume"] == "runs/a"
     assert runner.invoke(probe, ["--resume", "runs/b/checkpoints/step-0000010"]).exit_code == 0
     assert seen["resume"] == "runs/b/checkpoints/step-0000010"
+
+
+def test_train_without_data_named():
+    from click.testing import CliRunner
+
+    from mlxlora.cli import group, register_commands
+
+    register_commands()
+    result = CliRunner().invoke(group, ["train", "--iters", "1"])
+    assert isinstance(result.exception, ConfigError)
+    assert "--data is required" in str(result.exception)
+
+
+def test_recipe_paths_absolute(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    recipe = write_recipe(tmp_path, "data: data\nadapter_path: out\n")
+    monkeypatch.chdir(tmp_path)
+    resolved = resolve_config("recipe.yaml")
+    assert resolved.config.data == str(tmp_path / "data")
+    assert resolved.config.adapter_path == str(tmp_path / "out")

@@ -3,7 +3,7 @@
 import click
 
 from mlxlora.commands.options import config_options
-from mlxlora.config import resolve_config
+from mlxlora.config import require_data, resolve_config
 
 
 @click.command("train")
@@ -19,4 +19,7 @@ def command(recipe: str | None, **flags) -> None:
     from mlxlora.trainer import train
 
     resolved = resolve_config(recipe, flags)
+    if not resolved.config.resume:
+        # A resumed run takes its data from the checkpoint's config.
+        require_data(resolved.config)
     train(resolved)
