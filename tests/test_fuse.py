@@ -159,6 +159,7 @@ def test_fused_logits_match_base_plus_adapter(float_setup, tmp_path):
     assert report.logits.top1_agreement == 1.0
     assert report.logits.adapter_shift > 0.1
     assert report.prompts_source.endswith("train.jsonl")
+    assert report.logits.positions == 57  # answer bytes plus <|im_end|>: 28 + 29
 
 
 def test_fused_folder_loads_with_mlx_lm(float_setup, tmp_path):
@@ -245,11 +246,22 @@ def test_check_prompts_use_whole_examples(tmp_path, chat_data):
 
     prompts, source = check_prompts(tmp_path / "best", make_tokenizer())
 
-    assert source == str(chat_data / "train.jsonl")
+    assert source == f"answer tokens of {chat_data / 'train.jsonl'}"
     assert len(prompts) == 2
-    text = make_tokenizer().decode(prompts[0])
+    tokenizer = make_tokenizer()
+    text = tokenizer.decode(prompts[0].tokens)
     assert "Weather in Oslo" in text
     assert '"temp": 3}' in text
+    predicted = tokenizer.decode([prompts[0].tokens[row + 1] for row in prompts[0].rows])
+    assert predicted == '{"city": "Oslo", "temp": 3}<|im_end|>'
+
+
+def test_fixed_prompts_compare_every_row(tmp_path):
+    prompts, source = check_prompts(tmp_path, make_tokenizer())
+
+    assert source == "fixed prompts"
+    assert len(prompts) == 4
+    assert prompts[0].rows == list(range(len(prompts[0].tokens)))
 
 
 def test_quantized_base_keeps_normal_adapter(quantized_base, tmp_path, chat_data):
@@ -547,7 +559,7 @@ def test_check_prompts_relative_data_path(tmp_path, chat_data, monkeypatch):
 
     prompts, source = check_prompts(run, make_tokenizer())
 
-    assert source == str(chat_data / "train.jsonl")
+    assert source == f"answer tokens of {chat_data / 'train.jsonl'}"
     assert len(prompts) == 2
 
 
@@ -573,6 +585,6 @@ def test_quantized_noticeable_difference_warns(quantized_base, tmp_path, chat_da
 
     assert report.quantized_output
     assert report.requantization.kept_fraction > 0.9
-    assert report.logits.relative_distance > 0.1
-    assert "differs noticeably from base + adapter" in report.warnings[0]
+    assert report.logits.top1_agreement < 0.95
+    assert "picks a different greedy token than base + adapter" in report.warnings[0]
     assert "--dequantize" in report.warnings[0]
