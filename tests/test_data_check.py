@@ -81,7 +81,7 @@ CASES = [
     ("leakage", CLEAN, [CLEAN[2], CLEAN_VALID[0]],
      "warning", "leakage", "valid", ["valid.jsonl:1"], "1 of 2 valid rows also appear in train"),
     ("shared prompt", CLEAN, [pair(CLEAN[1]["prompt"], "Madrid is the capital of Spain.")],
-     "info", "shared-prompts", "valid", ["valid.jsonl:1"], "train also has"),
+     "info", "shared-prompts", "valid", ["valid.jsonl:1"], "share a prompt"),
     ("short completion", [CLEAN[0], pair("Is Paris in France?", "Yes.")], None,
      "info", "short-completions", "train", ["train.jsonl:2"], "2 words or fewer"),
 ]

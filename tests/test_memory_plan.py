@@ -22,8 +22,10 @@ from mlxlora.memory_plan import (
     lora_parameters,
     memory_limit,
     plan_memory,
+    settings_from_config,
 )
-from mlxlora.prompt import EncodedExample
+from mlxlora.config import TrainConfig
+from mlxlora.prompt import EncodedExample, EncodedSplit, SplitSummary
 from mlxlora.step import TrainStep
 from mlxlora.testing.tiny import make_model
 
@@ -130,6 +132,43 @@ def test_estimate_terms():
     assert full.trainable_parameters == layout.base_parameters
     assert full.optimizer_state == 2 * layout.base_parameters * 4
     assert full.lora_weights == 0
+
+
+def test_logits_follow_target_tokens():
+    model = make_model()
+    targets = resolve_targets(model, ["all-linear"])
+    layout = describe_model(model, TINY_CONFIG)
+
+    few = estimate_method(layout, settings(targets, batch=4, length=256, target_tokens=70), "lora")
+    every = estimate_method(layout, settings(targets, batch=4, length=256), "lora")
+
+    assert few.logits == int(LOGITS_COPIES * 128 * 260 * 4)
+    assert every.logits == int(LOGITS_COPIES * 1024 * 260 * 4)
+
+
+def test_batch_size_scales_target_tokens():
+    options = settings([], batch=8, length=64, target_tokens=100)
+
+    halved = options.with_batch_size(4)
+
+    assert halved.batch_size == 4
+    assert halved.target_tokens == 50
+    assert options.with_batch_size(3).target_tokens == 38
+    assert settings([], batch=8).with_batch_size(2).target_tokens is None
+
+
+def test_settings_from_encoded_split():
+    config = TrainConfig(batch_size=2, max_seq_length=100)
+    examples = [EncodedExample(list(range(n)), [False] * (n - t) + [True] * t, f"row{n}")
+                for n, t in ((10, 3), (40, 20), (50, 5), (130, 60))]
+    split = EncodedSplit(examples, SplitSummary(4, 100, 150, [], [], [], []))
+
+    options = settings_from_config(config, ["a"], split)
+
+    assert options.sequence_length == 128
+    assert options.target_tokens == 65
+    assert settings_from_config(config, ["a"]).sequence_length == 128
+    assert settings_from_config(config, ["a"]).target_tokens is None
 
 
 def test_activations_shrink_with_options():

@@ -8,8 +8,8 @@ from mlxlora.commands.options import config_options
 from mlxlora.config import resolve_config
 
 
-def longest_example(config, tokenizer) -> int | None:
-    """Return the token count of the longest training example, or None without --data."""
+def encoded_train_split(config, tokenizer):
+    """Return the encoded training split, or None without --data."""
     if config.data is None:
         return None
     from mlxlora.data_formats import find_splits, read_examples
@@ -17,7 +17,7 @@ def longest_example(config, tokenizer) -> int | None:
 
     train = find_splits(config.data)["train"]
     examples = read_examples(train, config.prompt_key, config.completion_key)
-    return encode_split(examples, tokenizer, config).summary.longest
+    return encode_split(examples, tokenizer, config)
 
 
 def build_plan(config):
@@ -29,7 +29,7 @@ def build_plan(config):
     loaded = load_model(config.model, dtype=config.dtype, dequantize=config.dequantize,
                         trust_remote_code=config.trust_remote_code)
     targets = resolve_targets(loaded.model, config.target_modules, config.layers)
-    return loaded, plan_training(loaded, config, targets, longest_example(config, loaded.tokenizer))
+    return loaded, plan_training(loaded, config, targets, encoded_train_split(config, loaded.tokenizer))
 
 
 @click.command("plan")
@@ -42,8 +42,9 @@ def command(recipe: str | None, as_json: bool, **flags) -> None:
 
     Takes the same options as `train`. The model is loaded as training would load it, and
     the table shows LoRA, QLoRA and full fine-tuning side by side for the chosen rank,
-    target modules, batch size and sequence length. With --data, the sequence length is
-    the longest training example (up to --max-seq-length) instead of --max-seq-length.
+    target modules, batch size and sequence length. Without --data, every batch is
+    --max-seq-length tokens wide and every token is trained. With --data, the width comes
+    from the longest training example and the logits from the trained tokens per batch.
     """
     from mlxlora.memory_plan import describe_plan
 
