@@ -11,7 +11,7 @@ LEVEL_STYLES = {"error": "red", "warning": "yellow", "info": "cyan"}
 LISTED_SOURCES = 5
 LISTED_DETAILS = 5
 VERDICTS = {
-    0: "no problems found",
+    0: "no errors or warnings",
     1: "training can proceed, but the warnings deserve a look",
     2: "fix the errors before training",
 }
@@ -70,7 +70,7 @@ def check(data: str, model: str | None, max_seq_length: int, long_examples: str,
     Reports the format of each file, invalid lines, role order, empty strings, duplicates,
     prompts with several completions, rows shared between splits and, with --model, token
     lengths, truncation and two examples rendered as training encodes them. Exit status: 0 no
-    findings, 1 warnings only, 2 errors (training would fail or train nothing).
+    errors or warnings, 1 warnings only, 2 errors (training would fail or train nothing).
     """
     import sys
 
