@@ -102,7 +102,12 @@ def load_for_inference(model: str | None = None, adapter_path: str | Path | None
 
 
 def read_spec(folder: Path) -> AdapterSpec:
-    """Read adapter_config.json, pointing at best/ when a run has no final adapter yet."""
+    """Read adapter_config.json, with hints for a run without a final adapter and a model folder."""
+    if not (folder / CONFIG_FILE).is_file() and (folder / "config.json").is_file():
+        raise AdapterError(
+            f"--adapter-path {folder}: this is a model folder (config.json, no {CONFIG_FILE}), "
+            f"such as a fused model. Pass it with --model {folder} instead.")
+
     best = folder / "best" / CONFIG_FILE
     if not (folder / CONFIG_FILE).is_file() and best.is_file():
         raise AdapterError(
@@ -131,8 +136,8 @@ def stop_token_ids(loaded: LoadedModel) -> set[int]:
     """Return every token id that ends an answer.
 
     This is the union of the tokenizer's EOS ids, eos_token_id of the model config, and
-    eos_token_id of generation_config.json in a model folder. Chat models often end a turn
-    with a token (such as <|eot_id|>) that only the generation config names.
+    eos_token_id of generation_config.json in a model folder, because some chat models end
+    a turn with a token that only their generation config lists.
     """
     ids = set(eos_token_ids(loaded.tokenizer))
     ids |= id_set(loaded.config.get("eos_token_id"))

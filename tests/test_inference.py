@@ -123,6 +123,12 @@ def test_unfinished_run_points_to_best(tmp_path, tiny_run):
     assert f"--adapter-path {run / 'best'}" in str(error.value)
 
 
+def test_model_folder_as_adapter_path(tiny_run):
+    model_folder, _ = tiny_run
+    with pytest.raises(AdapterError, match=f"this is a model folder .* --model {model_folder} instead"):
+        load_for_inference(adapter_path=model_folder)
+
+
 def test_unloadable_base_named_in_config(tmp_path, tiny_run):
     _, adapter_folder = tiny_run
     config_path = adapter_folder / "adapter_config.json"
