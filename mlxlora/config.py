@@ -242,9 +242,19 @@ def coerce_value(name: str, value, origin: str):
 
 
 def _unknown_key_message(key: str, origin: str) -> str:
-    close = difflib.get_close_matches(key, FIELDS, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    by_flag = {flag_name(name)[2:].replace("-", "_"): name for name in FIELDS}
+    if key in by_flag:
+        hint = f"; use '{by_flag[key]}', the recipe key of --{key.replace('_', '-')}."
+    else:
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else "."
     return f"{origin}: unknown key '{key}'{hint} Valid keys: {', '.join(FIELDS)}"
+
+
+def label(name: str) -> str:
+    """Return a field's name with its flag when they differ, e.g. "r (--rank)"."""
+    flag = flag_name(name)
+    return name if flag == "--" + name.replace("_", "-") else f"{name} ({flag})"
 
 
 def read_recipe(path: str) -> dict:
@@ -281,7 +291,7 @@ def validate_ranges(config: TrainConfig) -> list[str]:
                 "steps_per_report", "save_every", "keep_checkpoints"]
     for name in positive:
         if getattr(config, name) < 1:
-            problems.append(f"{name} must be at least 1, got {getattr(config, name)}")
+            problems.append(f"{label(name)} must be at least 1, got {getattr(config, name)}")
 
     if config.iters is not None and config.iters < 1:
         problems.append(f"iters must be at least 1, got {config.iters}")

@@ -33,8 +33,13 @@ def test_unknown_keys_all_reported_with_suggestion(tmp_path):
     with pytest.raises(ConfigError) as error:
         resolve_config(recipe)
     message = str(error.value)
-    assert "unknown key 'rank'" in message
+    assert "unknown key 'rank'; use 'r', the recipe key of --rank." in message
     assert "did you mean 'learning_rate'" in message
+
+
+def test_range_error_names_flag():
+    with pytest.raises(ConfigError, match=r"r \(--rank\) must be at least 1, got 0"):
+        resolve_config(None, {"r": 0})
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -127,3 +132,18 @@ def test_recipe_paths_absolute(tmp_path, monkeypatch):
     resolved = resolve_config("recipe.yaml")
     assert resolved.config.data == str(tmp_path / "data")
     assert resolved.config.adapter_path == str(tmp_path / "out")
+
+
+def test_train_missing_data_folder_before_output(tmp_path):
+    from click.testing import CliRunner
+
+    from mlxlora.cli import group, register_commands
+    from mlxlora.errors import DataError
+
+    register_commands()
+    output = tmp_path / "out"
+    result = CliRunner().invoke(group, ["train", "--data", str(tmp_path / "nope"),
+                                        "--adapter-path", str(output)])
+    assert isinstance(result.exception, DataError)
+    assert "nope" in str(result.exception)
+    assert not output.exists()

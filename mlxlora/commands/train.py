@@ -4,6 +4,7 @@ import click
 
 from mlxlora.commands.options import config_options
 from mlxlora.config import require_data, resolve_config
+from mlxlora.data_formats import find_splits
 
 
 @click.command("train")
@@ -20,6 +21,8 @@ def command(recipe: str | None, **flags) -> None:
 
     resolved = resolve_config(recipe, flags)
     if not resolved.config.resume:
-        # A resumed run takes its data from the checkpoint's config.
+        # A resumed run takes its data from the checkpoint's config. Finding the files now
+        # reports a wrong path before the model loads and before the output folder exists.
         require_data(resolved.config)
+        find_splits(resolved.config.data)
     train(resolved)
