@@ -292,7 +292,7 @@ class Trainer:
         bar.update(step, f"loss {loss:.3f} lr {lr:.2e} {rate:,.0f} tok/s")
         if not self.session.is_main:
             return
-        logger.info("step %6d/%d | train loss %.4f | lr %.3e | %8.1f tok/s | trained tokens "
+        logger.info("step %6d/%d | train loss %.4f | lr %.3e | %8.1f trained tok/s | trained tokens "
                     "%d | peak mem %.2f GB", step, self.session.total_steps, loss, lr, rate,
                     self.state.trained_tokens, peak_gb)
         if self.session.memory_plan is not None and not self.peak_compared:
@@ -305,6 +305,9 @@ class Trainer:
     def evaluate_and_record(self, step: int) -> str | None:
         """Compute validation loss, keep the best adapter, and apply early stopping."""
         started = time.perf_counter()
+        valid = self.session.valid_split
+        if step == 0 and valid is not None and self.session.is_main:
+            logger.info("computing validation loss before training (%d rows)", len(valid.examples))
         val_loss = validation_loss(self.session)
         if val_loss is None:
             return None
