@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-$(mktemp -d)}
+mkdir -p "$OUT"
 MLXLORA=${MLXLORA:-.venv/bin/mlxlora}
 PYTHON=${PYTHON:-.venv/bin/python}
 FLAGS=(--recipe recipes/quickstart.yaml --iters 12 --steps-per-report 4 --steps-per-eval 0
