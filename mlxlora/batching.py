@@ -43,6 +43,19 @@ def batch_indices(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
     return [batches[index] for index in order]
 
 
+def mean_targets_per_step(examples: list[EncodedExample], batch_size: int,
+                          grad_accumulation_steps: int = 1) -> float:
+    """Return the mean number of target tokens in an optimizer step of one epoch.
+
+    This is the constant that TrainStep's ``tokens_per_step`` expects: the mean target count
+    of an example times the examples of one optimizer step (all micro-batches).
+    """
+    if not examples:
+        raise ValueError("mean_targets_per_step needs at least one example")
+    mean_targets = sum(example.num_targets for example in examples) / len(examples)
+    return mean_targets * batch_size * grad_accumulation_steps
+
+
 def collate(encoded: list[EncodedExample], pad_id: int, pad_to_multiple: int = 32) -> Batch:
     """Pad examples into one Batch of inputs tokens[:-1], targets tokens[1:] and mask[1:].
 

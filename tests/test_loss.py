@@ -6,9 +6,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlxlora.attach import attach_lora, resolve_targets
+from mlxlora.batching import mean_targets_per_step
 from mlxlora.loss import (ROW_MULTIPLE, fused_cross_entropy, masked_loss, select_targets,
                           selected_loss, selected_loss_sum)
 from mlxlora.output_head import find_output_head
+from mlxlora.prompt import EncodedExample
 from mlxlora.step import TrainStep
 from mlxlora.testing.tiny import make_model
 
@@ -166,3 +168,39 @@ def test_find_output_head_keeps_training_mode():
     model.eval()
     find_output_head(model)
     assert not model.training
+
+
+def test_tokens_per_step_weights_every_token_equally():
+    inputs, targets, mask = (mx.array(x) for x in batch())
+    step_tokens = mask.sum().item()
+    constant = 3.0 * step_tokens
+    results = []
+    # Dividing by 3x the step's tokens scales the gradient by 1/3, which a 3x smaller
+    # SGD learning rate reproduces; the reported loss stays the step's mean.
+    for tokens_per_step, learning_rate in ((constant, 0.3), (None, 0.1)):
+        model = adapted_model()
+        step = TrainStep(model, optim.SGD(learning_rate=learning_rate), None,
+                         tokens_per_step=tokens_per_step)
+        loss, _ = step([(inputs, targets, mask)], step_tokens)
+        mx.eval(loss, model.state)
+        results.append((loss.item(), dict(tree_flatten(model.trainable_parameters()))))
+
+    (weighted_loss, weighted_params), (mean_loss, mean_params) = results
+    assert abs(weighted_loss - mean_loss) < 1e-5
+    for name, value in mean_params.items():
+        np.testing.assert_allclose(np.array(weighted_params[name]), np.array(value),
+                                   rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_tokens_per_step_must_be_positive():
+    with pytest.raises(ValueError, match="tokens_per_step must be positive"):
+        TrainStep(adapted_model(), optim.SGD(learning_rate=0.1), None, tokens_per_step=0.0)
+
+
+def test_mean_targets_per_step_counts_examples():
+    examples = [EncodedExample([1, 2, 3], [False, True, True], "a"),
+                EncodedExample([1, 2, 3, 4, 5], [False, True, True, True, True], "b")]
+    assert mean_targets_per_step(examples, batch_size=4) == 12.0
+    assert mean_targets_per_step(examples, batch_size=4, grad_accumulation_steps=2) == 24.0
+    with pytest.raises(ValueError, match="at least one example"):
+        mean_targets_per_step([], batch_size=4)
