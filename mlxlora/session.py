@@ -13,7 +13,7 @@ import mlx.optimizers as optim
 from mlxlora import blas
 from mlxlora.adapters import AdapterSpec, base_fingerprint, base_signature
 from mlxlora.attach import attach_lora, parameter_counts, resolve_targets
-from mlxlora.batching import batch_indices
+from mlxlora.batching import batch_indices, mean_targets_per_step
 from mlxlora.config import ResolvedConfig
 from mlxlora.data_check import check_before_training
 from mlxlora.errors import ConfigError
@@ -188,7 +188,10 @@ def prepare_session(resolved: ResolvedConfig, run_dir: Path, group=None) -> Sess
     schedule = build_schedule(choice.value, total_steps, config.lr_schedule, warmup,
                               config.min_lr_ratio)
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
-    step = TrainStep(loaded.model, optimizer, config.max_grad_norm, group)
+    tokens_per_step = mean_targets_per_step(train_split.examples, config.batch_size,
+                                            config.grad_accumulation_steps)
+    step = TrainStep(loaded.model, optimizer, config.max_grad_norm, group,
+                     tokens_per_step=tokens_per_step)
 
     return Session(resolved, loaded, spec, train_split, valid_split, optimizer, step, total_steps,
                    batches_per_epoch, choice.value, schedule, group, run_dir, memory_plan)
