@@ -96,6 +96,7 @@ def run_child(model_name: str, settings: dict) -> dict:
     """Train STEPS steps in this process; return the estimate and the measured peak."""
     from mlxlora.attach import attach_lora, resolve_targets
     from mlxlora.grad_checkpoint import enable_grad_checkpoint
+    from mlxlora.lean_mlp import enable_lean_swiglu
     from mlxlora.memory_plan import PlanSettings, describe_model, estimate_method
     from mlxlora.step import TrainStep
 
@@ -111,6 +112,7 @@ def run_child(model_name: str, settings: dict) -> dict:
     method = "qlora" if layout.loaded_quantized else "lora"
 
     attach_lora(model, targets, r, 16.0, settings.get("lora_dropout", 0.0))
+    enable_lean_swiglu(model, config["hidden_size"], mx.float32)
     if settings.get("grad_checkpoint"):
         enable_grad_checkpoint(model)
     model.train()

@@ -273,13 +273,14 @@ def _kept_per_token(layout: ModelLayout, adapted: list[Matrix], r: int, dropout:
     """Return the values per token that one block keeps for the backward pass.
 
     Every block in the gradient path keeps the inputs of its two norms (2 * hidden), the
-    attention's q, k and v, and four MLP tensors (gate, up, their activation and sigmoid).
+    attention's q, k and v, and three MLP tensors: gate, up and one more that the lean
+    SwiGLU (mlxlora.lean_mlp) leaves, where mlx-lm's own activation keeps two.
     Each distinct input of an adapted linear layer is kept for the LoRA A gradient, and
     each adapter's r-wide product for the B gradient. LoRA dropout keeps one more copy of
     every adapted layer's input.
     """
     values = (2 * layout.hidden_size + layout.attention_width + 2 * layout.kv_width
-              + 4 * layout.intermediate_size)
+              + 3 * layout.intermediate_size)
 
     inputs = {}
     for matrix in adapted:

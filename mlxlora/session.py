@@ -20,6 +20,7 @@ from mlxlora.errors import ConfigError
 from mlxlora.data_formats import find_splits, read_examples
 from mlxlora.grad_checkpoint import enable_grad_checkpoint
 from mlxlora.hyperparams import choose_learning_rate, hyperparameter_warnings
+from mlxlora.lean_mlp import enable_lean_swiglu
 from mlxlora.loading import LoadedModel, load_model
 from mlxlora.memory_plan import MemoryPlan, log_plan, plan_training
 from mlxlora.prompt import encode_split
@@ -134,6 +135,11 @@ def attach_adapter(config, loaded: LoadedModel) -> AdapterSpec:
     mx.random.seed(config.seed)
     attach_lora(model, paths, config.r, config.lora_alpha, config.lora_dropout,
                 config.use_rslora)
+    lean = enable_lean_swiglu(model, loaded.config.get("hidden_size"),
+                              getattr(mx, loaded.dtype, mx.float32))
+    if lean:
+        logger.info("memory: %d SwiGLU MLPs recompute sigmoid(gate) in the backward pass "
+                    "instead of keeping it", lean)
     if config.grad_checkpoint:
         enable_grad_checkpoint(model)
     # mlx-lm's loaders leave models in eval mode, which would switch LoRA dropout off.
