@@ -111,16 +111,17 @@ class DataReport:
 
 
 def check_data(data: str, config: TrainConfig | None = None, tokenizer=None,
-               split_names: tuple[str, ...] = SPLIT_NAMES) -> DataReport:
+               split_names: tuple[str, ...] = SPLIT_NAMES, label: str = "--data") -> DataReport:
     """Check the splits of ``data`` and return the report.
 
     ``config`` supplies prompt_key, completion_key, max_seq_length, long_examples,
     train_on_prompt and batch_size. Token lengths and renders need ``tokenizer`` (an mlx-lm
-    TokenizerWrapper). Raises DataError only when ``data`` itself is not found.
+    TokenizerWrapper). Raises DataError only when ``data`` itself is not found, naming it
+    as ``label``.
     """
     config = config or TrainConfig()
     report = DataReport(str(data), config.max_seq_length)
-    splits = read_splits(report, find_splits(data), config, split_names)
+    splits = read_splits(report, find_splits(data, label), config, split_names)
 
     for name, examples in splits.items():
         check_roles(report, name, examples)

@@ -39,22 +39,23 @@ class Example:
     raw: dict
 
 
-def find_splits(data: str) -> dict[str, Path]:
+def find_splits(data: str, label: str = "--data") -> dict[str, Path]:
     """Return the paths of the train split and of the valid and test splits that exist.
 
     ``data`` is a folder with train.jsonl and optional valid.jsonl and test.jsonl, or one
-    .jsonl file, which becomes the train split.
+    .jsonl file, which becomes the train split. Errors name it as ``label``: the option or
+    argument the user set.
     """
     path = Path(data)
     layout = "a folder with train.jsonl (and optional valid.jsonl, test.jsonl) or one .jsonl file"
 
     if not path.exists():
-        raise DataError(f"--data {data}: not found. Pass {layout}.")
+        raise DataError(f"{label} {data}: not found. Pass {layout}.")
 
     if path.is_file():
         if path.suffix != ".jsonl":
             raise DataError(
-                f"--data {data}: not a .jsonl file. Write one JSON object per line in a file "
+                f"{label} {data}: not a .jsonl file. Write one JSON object per line in a file "
                 f"ending in .jsonl, or pass {layout}."
             )
         return {"train": path}
@@ -64,7 +65,7 @@ def find_splits(data: str) -> dict[str, Path]:
         present = sorted(p.name for p in path.glob("*.jsonl"))
         found = f" It contains: {', '.join(present)}." if present else ""
         raise DataError(
-            f"--data {data}: train.jsonl not found in this folder.{found} "
+            f"{label} {data}: train.jsonl not found in this folder.{found} "
             f"Name the training file train.jsonl, or pass the .jsonl file itself."
         )
     return {name: split for name, split in splits.items() if split.is_file()}

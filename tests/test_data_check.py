@@ -284,6 +284,19 @@ def test_cli_exit_codes(tmp_path):
     assert "ERROR invalid-line" in result.output
 
 
+def test_cli_missing_path_names_argument(tmp_path):
+    from mlxlora.commands.data import command
+    from mlxlora.errors import DataError
+
+    missing = tmp_path / "nowhere"
+
+    result = CliRunner().invoke(command, ["check", str(missing)])
+
+    assert isinstance(result.exception, DataError)
+    assert str(result.exception).startswith(f"DATA {missing}: not found.")
+    assert "--data" not in str(result.exception)
+
+
 def test_cli_json(tmp_path):
     from mlxlora.commands.data import command
 

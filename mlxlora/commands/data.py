@@ -86,7 +86,7 @@ def check(data: str, model: str | None, max_seq_length: int, long_examples: str,
         raise ConfigError(problems)
 
     tokenizer = load_tokenizer(model, trust_remote_code) if model else None
-    report = check_data(data, config, tokenizer)
+    report = check_data(data, config, tokenizer, label="DATA")
 
     if as_json:
         click.echo(json.dumps({"model": model, **report.to_dict()}, ensure_ascii=False))
