@@ -8,9 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from mlxlora import cli
-from mlxlora.commands.chat import ChatSession, command, one_line
+from mlxlora.commands.chat import ChatSession, Conversation, command, one_line
 from mlxlora.errors import ConfigError
-from mlxlora.inference import GenerationSettings, generate_answer, load_for_inference
+from mlxlora.inference import (GenerationSettings, generate_answer, load_for_inference,
+                                prompt_tokens)
 from mlxlora.testing.tiny import make_tokenizer, save_model_folder
 from test_inference import save_tiny_adapter
 
@@ -68,6 +69,39 @@ def test_history_kept_without_reset(run_folders, adapted):
     first = generate_answer(adapted, [user("hello")], SETTINGS).text
     second = expected(adapted, [user("hello"), assistant(first), user("hello")])
     assert result.stdout.splitlines()[1] == second
+
+
+def test_conversation_drops_oldest_turns():
+    conversation = Conversation("be brief", keeps_history=True)
+    for number in range(3):
+        conversation.record(f"question {number}", f"answer {number}")
+
+    messages = conversation.prompt("question 3", fits=lambda messages: len(messages) <= 4)
+
+    assert messages[0] == {"role": "system", "content": "be brief"}
+    assert messages[1:] == [user("question 2"), assistant("answer 2"), user("question 3")]
+    assert conversation.turns == [user("question 2"), assistant("answer 2")]
+
+
+def test_conversation_keeps_turns_that_fit():
+    conversation = Conversation(None, keeps_history=True)
+    conversation.record("question", "answer")
+
+    messages = conversation.prompt("next", fits=lambda messages: True)
+
+    assert messages == [user("question"), assistant("answer"), user("next")]
+
+
+def test_session_trims_history_to_context(adapted):
+    session = ChatSession(adapted, SETTINGS)
+    session.answer("model", "hello")
+    only_new = prompt_tokens(adapted.tokenizer, [user("world")])
+    session.context_length = len(only_new) + SETTINGS.max_tokens
+
+    answer = session.answer("model", "world")
+
+    assert answer.text == generate_answer(adapted, [user("world")], SETTINGS).text
+    assert session.sides["model"].turns == [user("world"), assistant(answer.text)]
 
 
 def test_quit_stops_reading(run_folders):

@@ -5,6 +5,7 @@ The options shared with `generate` and `eval` are defined here too.
 
 import logging
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -97,10 +98,28 @@ class Conversation:
         self.turns: list[dict] = []
         self.keeps_history = keeps_history
 
-    def prompt(self, text: str) -> list[dict]:
-        # NOTE: the history is never trimmed, so a long chat can outgrow the model's context
-        # length; /reset starts over.
-        return self.system + self.turns + [{"role": "user", "content": text}]
+    def prompt(self, text: str, fits: Callable[[list[dict]], bool] | None = None) -> list[dict]:
+        """Return the messages that answer ``text``, without the oldest turns that do not fit.
+
+        While ``fits`` rejects the messages, the oldest user and assistant pair is dropped
+        from the history for good. The system prompt and the new message are always sent.
+        """
+        message = [{"role": "user", "content": text}]
+        dropped = 0
+        while fits is not None and dropped < len(self.turns) // 2:
+            if fits(self.system + self.turns[2 * dropped:] + message):
+                break
+            dropped += 1
+
+        if dropped:
+            self.turns = self.turns[2 * dropped:]
+            logger.info("history: dropped the %d oldest turn(s) to fit the model's context",
+                        dropped)
+        messages = self.system + self.turns + message
+        if fits is not None and not self.turns and not fits(messages):
+            logger.warning("this message and an answer of --max-tokens tokens exceed the "
+                           "model's context length; shorten the message or lower --max-tokens")
+        return messages
 
     def record(self, text: str, answer: str) -> None:
         if self.keeps_history:
@@ -131,6 +150,7 @@ class ChatSession:
 
         self.loaded = loaded
         self.settings = settings
+        self.context_length = loaded.config.get("max_position_embeddings")
         names = ("base", "adapter") if compare else ("model",)
         self.sides = {name: Conversation(system_prompt, keeps_history) for name in names}
 
@@ -164,7 +184,7 @@ class ChatSession:
         from mlxlora.inference import adapters_disabled, generate_answer
 
         conversation = self.sides[name]
-        prompt = conversation.prompt(text)
+        prompt = conversation.prompt(text, self.fits_context if self.context_length else None)
         if name == "base":
             with adapters_disabled(self.loaded.model):
                 answer = generate_answer(self.loaded, prompt, self.settings)
@@ -172,6 +192,13 @@ class ChatSession:
             answer = generate_answer(self.loaded, prompt, self.settings)
         conversation.record(text, answer.text)
         return answer
+
+    def fits_context(self, messages: list[dict]) -> bool:
+        """Return whether the messages and a full answer fit the model's context length."""
+        from mlxlora.inference import prompt_tokens
+
+        needed = len(prompt_tokens(self.loaded.tokenizer, messages)) + self.settings.max_tokens
+        return needed <= self.context_length
 
     def run_piped(self, lines) -> None:
         """Answer each message line with one output line per side."""
