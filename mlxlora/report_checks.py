@@ -116,10 +116,31 @@ def memory_warning(run: Run) -> str | None:
             "Check batch size and max_seq_length against the plan (`mlxlora plan`).")
 
 
+def stopped_early(run: Run) -> bool:
+    """Return whether early stopping explains a run that ended before its last step."""
+    patience = run.config.get("early_stopping_patience")
+    best = run.best_val
+    if not patience or best is None:
+        return False
+    later = [r for r in run.val if r["step"] > best["step"]]
+    return len(later) >= patience
+
+
+def unfinished_warning(run: Run) -> str | None:
+    """Warn when the records end before the run's planned last step."""
+    if not run.total_steps or run.last_step >= run.total_steps or stopped_early(run):
+        return None
+    return (f"The run ended at step {run.last_step} of {run.total_steps}: it was stopped "
+            "(Ctrl-C, SIGTERM, a crash or a non-finite loss) before its last step, so this "
+            "report covers part of it. Continue from its newest checkpoint with "
+            f"`mlxlora train --resume {run.folder}`.")
+
+
 def find_warnings(run: Run) -> list[str]:
     """Return every warning about the run's settings, data and curves."""
     warnings = learning_rate_warnings(run)
-    for check in (validation_warning, progress_warning, non_finite_warning, memory_warning):
+    for check in (unfinished_warning, validation_warning, progress_warning, non_finite_warning,
+                  memory_warning):
         message = check(run)
         if message:
             warnings.append(message)

@@ -220,6 +220,27 @@ def test_warning_non_finite_report(tmp_path):
 # --- numbers and files ---------------------------------------------------------------------
 
 
+def test_warning_unfinished_run(tmp_path):
+    train = [train_record(10, 2.0)]
+    val = [val_record(0, 2.5), val_record(10, 1.1)]
+
+    warnings = find_warnings(make_run(tmp_path, train=train, val=val))
+
+    assert warning_containing(warnings, "ended at step 10 of 20")
+    assert warning_containing(warnings, f"mlxlora train --resume {tmp_path}")
+
+
+def test_no_unfinished_warning_after_early_stopping(tmp_path):
+    train = [train_record(10, 2.0), train_record(14, 1.5)]
+    val = [val_record(0, 2.5), val_record(6, 1.0), val_record(10, 1.005), val_record(14, 1.008)]
+    run = make_run(tmp_path, train=train, val=val)
+    run.config["early_stopping_patience"] = 2
+
+    warnings = find_warnings(run)
+
+    assert warning_containing(warnings, "ended at step") == []
+
+
 def test_learning_rate_curve_follows_schedule(tmp_path):
     run = make_run(tmp_path)
     schedule = build_schedule(1.32e-3, 20, "cosine", 1, 0.1)
