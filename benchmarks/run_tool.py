@@ -217,6 +217,7 @@ def main(tool: str, settings_path: str, result_path: str) -> None:
         "loop_seconds": clock.loop_seconds(), "loop_cpu_seconds": clock.loop_cpu_seconds(),
         "median_step_seconds": float(np.median(steps[1:])) if len(steps) > 1 else None,
         "first_step_seconds": steps[0] if steps else None,
+        "step_seconds": steps,
         "peak_memory_bytes": int(outcome["peak_memory"]), "max_rss_bytes": rss_bytes,
         "own_loss_tokens": int(outcome["loss_tokens"]),
         "own_nonpad_tokens": int(outcome["nonpad_tokens"]),
