@@ -70,7 +70,7 @@ def configure_device() -> None:
     of RAM made things worse: on SmolLM2-135M (batch 8, 2-core x86_64 VM, mlx 0.32.4) the
     process grew to 11.4 GB for a 4.4 GB peak, and the steps that touched new memory spent up
     to 23 s in page faults. With CPU_CACHE_LIMIT the same 16 steps took 96 s instead of 123 s
-    (benchmarks/README.md).
+    (docs/benchmarks.md).
     """
     device = mx.default_device()
     if device == mx.cpu:
