@@ -26,7 +26,7 @@ _subclasses: dict[type, type] = {}
 
 @mx.custom_function
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """Return silu(gate) * up; the backward pass recomputes sigmoid(gate)."""
+    """Return silu(gate) * up. The backward pass recomputes sigmoid(gate)."""
     return gate * mx.sigmoid(gate) * up
 
 

@@ -58,7 +58,7 @@ class Session:
         return self.group is None or self.group.rank() == 0
 
 
-# Bytes of freed buffers MLX keeps for reuse on CPU; see configure_device.
+# Bytes of freed buffers that MLX keeps for reuse on CPU, chosen in configure_device.
 CPU_CACHE_LIMIT = 1 << 30
 
 

@@ -118,7 +118,7 @@ class Conversation:
         messages = self.system + self.turns + message
         if fits is not None and not self.turns and not fits(messages):
             logger.warning("this message and an answer of --max-tokens tokens exceed the "
-                           "model's context length; shorten the message or lower --max-tokens")
+                           "model's context length. Shorten the message or lower --max-tokens.")
         return messages
 
     def record(self, text: str, answer: str) -> None:
