@@ -1,6 +1,6 @@
 """Compare `mlxlora plan`'s memory estimate with the peak MLX measures while training.
 
-    python benchmarks/plan_accuracy.py [--stories260k PATH/TO/stories260K.gguf] [--only tiny]
+    python benchmarks/plan_accuracy.py [--stories260k PATH/TO/stories260K.gguf] [--only tiny] [--only-quantized]
 
 Each setting runs in a fresh process. The child loads the model as `mlxlora train` does,
 attaches LoRA, and builds the compiled training step and AdamW. It then calls
@@ -95,6 +95,8 @@ def real_batch(tokenizer, batch: int, length: int, vocab_size: int, trained: flo
 def run_child(model_name: str, settings: dict) -> dict:
     """Train STEPS steps in this process; return the estimate and the measured peak."""
     from mlxlora.attach import attach_lora, resolve_targets
+    from mlxlora.dequantized_matmul import use_dequantized_matmul
+    from mlxlora.loading import on_gpu
     from mlxlora.grad_checkpoint import enable_grad_checkpoint
     from mlxlora.lean_mlp import enable_lean_swiglu
     from mlxlora.memory_plan import PlanSettings, describe_model, estimate_method
@@ -112,6 +114,8 @@ def run_child(model_name: str, settings: dict) -> dict:
     method = "qlora" if layout.loaded_quantized else "lora"
 
     attach_lora(model, targets, r, 16.0, settings.get("lora_dropout", 0.0))
+    if layout.loaded_quantized and not on_gpu():
+        use_dequantized_matmul(model)  # as `mlxlora train` does on a CPU
     enable_lean_swiglu(model, config["hidden_size"], mx.float32)
     if settings.get("grad_checkpoint"):
         enable_grad_checkpoint(model)
@@ -171,6 +175,8 @@ def main(argv=None) -> None:
                         help="Path of stories260K.gguf; its settings are skipped without it.")
     parser.add_argument("--only", default=None,
                         help="Run only settings whose model name contains this text.")
+    parser.add_argument("--only-quantized", action="store_true",
+                        help="Run only the settings with a quantized base (QLoRA).")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "SETTINGS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -185,6 +191,8 @@ def main(argv=None) -> None:
                 continue
             model = str(args.stories260k)
         if args.only and args.only not in model:
+            continue
+        if args.only_quantized and not (model == "tiny-q4" or settings.get("quantized")):
             continue
         selected.append((model, settings))
 

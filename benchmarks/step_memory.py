@@ -1,13 +1,16 @@
 """Peak memory and time of mlxlora's training step on the widest batches of a data set.
 
     python benchmarks/step_memory.py MODEL_FOLDER TRAIN_JSONL [--batch-size 8] \
-        [--max-seq-length 256] [--steps 3] [--mlx-lm-swiglu]
+        [--max-seq-length 256] [--steps 3] [--mlx-lm-swiglu] [--quantized] [--no-compile]
 
 The model gets LoRA on every linear layer (r 8, lora_alpha 16) and the compiled step of
 `mlxlora train` with Adam. The batches are mlxlora's length-sorted batches, widest first.
 Each line gives the batch shape, the step time (the first includes compilation) and the
 peak MLX memory of that step. `--mlx-lm-swiglu` keeps mlx-lm's own SwiGLU activation
-instead of mlxlora.lean_mlp, to measure what the lean one saves.
+instead of mlxlora.lean_mlp, to measure what the lean one saves. `--quantized` keeps a
+quantized model's weights quantized, with the dequantized products that `mlxlora train
+--no-dequantize` uses on a CPU (mlxlora.dequantized_matmul). `--no-compile` runs the step
+without mx.compile.
 """
 
 import argparse
@@ -22,6 +25,7 @@ from mlxlora.attach import attach_lora, resolve_targets
 from mlxlora.batching import batch_indices, collate, pad_token_id
 from mlxlora.config import TrainConfig
 from mlxlora.data_formats import read_examples
+from mlxlora.dequantized_matmul import use_dequantized_matmul
 from mlxlora.lean_mlp import enable_lean_swiglu
 from mlxlora.loading import load_model
 from mlxlora.prompt import encode_split
@@ -38,11 +42,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="Batches to run, widest first.")
     parser.add_argument("--mlx-lm-swiglu", action="store_true",
                         help="Keep mlx-lm's SwiGLU activation instead of the lean one.")
+    parser.add_argument("--quantized", action="store_true",
+                        help="Keep a quantized model quantized (QLoRA) instead of float32.")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="Run the training step without mx.compile.")
     args = parser.parse_args()
 
     configure_device()
-    loaded = load_model(args.model, dtype="float32", dequantize=True)
+    loaded = load_model(args.model, dtype="float32", dequantize=not args.quantized)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if args.quantized:
+        print(f"dequantized products in {use_dequantized_matmul(model)} quantized layers")
     attach_lora(model, resolve_targets(model, ["all-linear"]), 8, 16.0)
     if not args.mlx_lm_swiglu:
         changed = enable_lean_swiglu(model, loaded.config.get("hidden_size"), mx.float32)
@@ -56,7 +66,7 @@ def main() -> None:
     batches = batch_indices([len(e.tokens) for e in encoded], args.batch_size, 0, 0)
     batches.sort(key=lambda batch: -max(len(encoded[i].tokens) for i in batch))
 
-    step = TrainStep(model, optim.Adam(learning_rate=1e-4), None)
+    step = TrainStep(model, optim.Adam(learning_rate=1e-4), None, compile=not args.no_compile)
     pad_id = pad_token_id(tokenizer)
     for indices in batches[:args.steps]:
         batch = collate([encoded[i] for i in indices], pad_id)

@@ -61,7 +61,8 @@ class TrainConfig:
     dequantize: bool | None = option(
         None,
         "Turn a quantized base into float weights before training. Default: yes on CPU "
-        "(quantized matmul is slow there), no on a GPU (QLoRA).",
+        "(quantized matmul is slow there), no on a GPU (QLoRA). With --no-dequantize on a "
+        "CPU, each quantized layer dequantizes its weight for its own matmul.",
     )
 
     # LoRA.

@@ -74,6 +74,7 @@ def _losses_and_gradient(matrix: ProjectionMatrix, hidden: mx.array, targets: mx
     the (K, H) product instead of the (K, vocab) exponentials saves one (K, vocab) buffer,
     which measured 683 MB instead of 1023 MB for 1728 rows of a 49k vocabulary.
     """
+    matrix = matrix.for_one_pass()
     logits = matrix.logits(hidden).astype(mx.float32)
     peak = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
     picked = mx.take_along_axis(logits, targets[:, None], axis=-1)

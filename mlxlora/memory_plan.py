@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 
 from mlxlora.attach import BLOCK_PATTERN
 from mlxlora.batching import batch_indices
+from mlxlora.loading import on_gpu
 from mlxlora.lora import LoRALinear
 
 logger = logging.getLogger("mlxlora")
@@ -42,6 +43,11 @@ ADAM_MOMENTS = 2
 LOGITS_COPIES = 3.4
 BACKWARD_LINEAR_FACTOR = 2.8
 BACKWARD_SCORES_FACTOR = 1.8
+
+# On a CPU, each quantized product of a QLoRA step multiplies by a float copy of its weight
+# (mlxlora.dequantized_matmul), and mx.dequantize (mlx 0.32.4, CPU) peaks at twice the size
+# of its output. For SmolLM2-135M with its 49k x 576 tied head, this is 226 MB.
+DEQUANTIZE_COPIES = 2
 
 # mlx_lm.convert's default when a float model is quantized with -q.
 DEFAULT_QUANTIZATION = {"bits": 4, "group_size": 64}
@@ -263,6 +269,14 @@ def base_bytes(layout: ModelLayout, method: str, quantization: dict | None = Non
     return layout.loaded_bytes if not layout.loaded_quantized else float_bytes
 
 
+def dequantize_bytes(layout: ModelLayout) -> int:
+    """Return the working memory of dequantizing the largest matrix for one product on a CPU."""
+    if on_gpu():
+        return 0
+    largest = max((m.out_features * m.in_features for m in layout.matrices), default=0)
+    return DEQUANTIZE_COPIES * largest * layout.compute_bytes
+
+
 def lora_parameters(layout: ModelLayout, targets: list[str], r: int) -> int:
     """Return the number of LoRA parameters: r * (in + out) for each adapted matrix."""
     by_path = {m.path: m for m in layout.matrices}
@@ -344,8 +358,11 @@ def estimate_method(layout: ModelLayout, settings: PlanSettings, method: str,
 
     trainable = lora_parameters(layout, settings.targets, settings.r)
     lora = trainable * LORA_BYTES
-    return MemoryEstimate(method, trainable, base_bytes(layout, method, quantization), lora,
-                          lora, ADAM_MOMENTS * lora, activations, logits)
+    base = base_bytes(layout, method, quantization)
+    if method == "qlora":
+        base += dequantize_bytes(layout)
+    return MemoryEstimate(method, trainable, base, lora, lora, ADAM_MOMENTS * lora, activations,
+                          logits)
 
 
 def memory_limit() -> tuple[int, str]:
@@ -398,7 +415,7 @@ def suggest_changes(layout: ModelLayout, plan: MemoryPlan, quantization: dict | 
         batch //= 2
 
     if method == "lora" and fits(settings, "qlora"):
-        how = ("--no-dequantize (keeps the quantized base; slow on a CPU)" if quantization
+        how = ("--no-dequantize (keeps the quantized base)" if quantization
                else "a 4-bit copy of the model (mlx_lm.convert -q), trained with --no-dequantize")
         suggestions.append(f"QLoRA: {how}")
 

@@ -17,10 +17,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlxlora.dequantized_matmul import (DequantizedMatmulEmbedding, DequantizedMatmulLinear,
+                                        float_weight)
+
 logger = logging.getLogger("mlxlora")
 
 # Tokens of the probe sequence that checks body + projection against the model's forward.
 PROBE_LENGTH = 4
+
+DEQUANTIZING = (DequantizedMatmulEmbedding, DequantizedMatmulLinear)
 
 
 class ProjectionMatrix:
@@ -39,6 +44,17 @@ class ProjectionMatrix:
                                    biases=module.get("biases"), transpose=transpose,
                                    group_size=module.group_size, bits=module.bits,
                                    mode=getattr(module, "mode", "affine"))
+
+    def for_one_pass(self) -> "ProjectionMatrix":
+        """Return the matrix to use for one loss evaluation.
+
+        A layer that multiplies by its dequantized weight (mlxlora.dequantized_matmul) is
+        dequantized once here, so the logits and the back-projection share one float copy.
+        With a copy for each, the loss of 1,327 rows on a 49k x 576 head peaked 112 MB higher.
+        """
+        if isinstance(self.module, DEQUANTIZING):
+            return ProjectionMatrix({"weight": float_weight(self.module)})
+        return self
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.quantized:
@@ -91,7 +107,7 @@ def _candidate(model: nn.Module) -> tuple[Callable, nn.Module, Callable] | None:
 
 def _is_frozen_matrix(module: nn.Module) -> bool:
     """Return whether the module is a bias-free, untrained (vocab, hidden) matrix."""
-    kinds = (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding)
+    kinds = (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding) + DEQUANTIZING
     if type(module) not in kinds or "bias" in module:
         return False
     return not tree_flatten(module.trainable_parameters())

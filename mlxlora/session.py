@@ -20,8 +20,9 @@ from mlxlora.errors import ConfigError
 from mlxlora.data_formats import find_splits, read_examples
 from mlxlora.grad_checkpoint import enable_grad_checkpoint
 from mlxlora.hyperparams import choose_learning_rate, hyperparameter_warnings
+from mlxlora.dequantized_matmul import use_dequantized_matmul
 from mlxlora.lean_mlp import enable_lean_swiglu
-from mlxlora.loading import LoadedModel, load_model
+from mlxlora.loading import LoadedModel, load_model, on_gpu
 from mlxlora.memory_plan import MemoryPlan, log_plan, plan_training
 from mlxlora.prompt import encode_split
 from mlxlora.schedule import build_schedule, default_warmup
@@ -142,6 +143,10 @@ def attach_adapter(config, loaded: LoadedModel) -> AdapterSpec:
     mx.random.seed(config.seed)
     attach_lora(model, paths, config.r, config.lora_alpha, config.lora_dropout,
                 config.use_rslora)
+    if loaded.quantized and not on_gpu():
+        changed = use_dequantized_matmul(model)
+        logger.info("speed: %d quantized layers dequantize their weight for each matmul on "
+                    "the CPU (float32 BLAS) and keep it quantized in memory", changed)
     lean = enable_lean_swiglu(model, loaded.config.get("hidden_size"),
                               getattr(mx, loaded.dtype, mx.float32))
     if lean:

@@ -103,6 +103,21 @@ def test_lora_bytes_of_quantized_model():
     assert base_bytes(describe_model(quantized, TINY_CONFIG), "lora") == float_bytes
 
 
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_qlora_counts_dequantized_copy_on_cpu(gpu, monkeypatch):
+    monkeypatch.setattr("mlxlora.memory_plan.on_gpu", lambda: gpu)
+    quantized = make_model()
+    quantize_divisible(quantized, bits=4, group_size=32)
+    layout = describe_model(quantized, TINY_CONFIG)
+    largest = max(m.out_features * m.in_features for m in layout.matrices)
+
+    targets = resolve_targets(quantized, ["all-linear"])
+    estimate = estimate_method(layout, settings(targets), "qlora")
+
+    copies = 0 if gpu else 2 * largest * 4
+    assert estimate.base_weights == layout.loaded_bytes + copies
+
+
 @pytest.mark.parametrize("tokens", [2, 32, 33, 34, 65, 200])
 def test_batch_width_matches_collate(tokens):
     example = EncodedExample(list(range(tokens)), [True] * tokens, "row")
