@@ -30,6 +30,7 @@ from flops import matmul_peak
 from mlxlora.batching import collate, pad_token_id
 from mlxlora.config import TrainConfig
 from mlxlora.data_formats import read_examples
+from mlxlora.dequantized_matmul import use_dequantized_matmul
 from mlxlora.loss import masked_loss
 from mlxlora.prompt import encode_split
 
@@ -41,8 +42,11 @@ def shared_validation_loss(model, tokenizer, valid_path: str, max_seq_length: in
 
     The examples are encoded by mlxlora's prompt code (targets: each completion and its
     end-of-turn token) and scored with full logits, so the result does not depend on either
-    tool's loss shortcuts.
+    tool's loss shortcuts. Quantized layers multiply by their dequantized weights
+    (mlxlora.dequantized_matmul): the same values as quantized_matmul up to summation order,
+    and many times faster on a CPU.
     """
+    use_dequantized_matmul(model)
     config = TrainConfig(max_seq_length=max_seq_length)
     examples = read_examples(Path(valid_path), config.prompt_key, config.completion_key)
     encoded = encode_split(examples, tokenizer, config).examples

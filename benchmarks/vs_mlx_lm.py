@@ -136,7 +136,7 @@ def summarize(results: list[dict], shared: dict) -> dict:
         "peak_memory_gb": median([r["peak_memory_bytes"] for r in results]) / 1e9,
         "max_rss_gb": median([r["max_rss_bytes"] for r in results]) / 1e9,
         "val_loss": median([r["val_loss"] for r in results]),
-        "model_flops_per_second": median([shared["flops"]["total"] / t for t in loops]),
+        "model_gflops_per_second": median([shared["flops"]["total"] / t / 1e9 for t in loops]),
         "matmul_peak_flops": median([r["matmul_peak_flops"] for r in results]),
         "mfu": median(mfu),
         "own_loss_tokens": median([r["own_loss_tokens"] for r in results]),
@@ -157,7 +157,7 @@ ROWS = [
     ("peak MLX memory (GB)", "peak_memory_gb", "{:.2f}"),
     ("max RSS (GB)", "max_rss_gb", "{:.2f}"),
     ("validation loss after training", "val_loss", "{:.4f}"),
-    ("model GFLOP/s", "model_flops_per_second", "{:.3g}"),
+    ("model GFLOP/s", "model_gflops_per_second", "{:.3g}"),
     ("MFU (of measured fp32 matmul peak)", "mfu", "{:.1%}"),
 ]
 
