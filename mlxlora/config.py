@@ -342,7 +342,7 @@ def resolve_config(recipe: str | None = None, flags: dict | None = None) -> Reso
                 continue
 
             values[key] = value
-            sources[key] = origin if origin != "flag" else f"flag {flag_name(key)}"
+            sources[key] = origin if origin != "flag" else f"flag {flag_name(key, value)}"
 
     if problems:
         raise ConfigError(problems)
@@ -357,9 +357,12 @@ def resolve_config(recipe: str | None = None, flags: dict | None = None) -> Reso
     return ResolvedConfig(config, sources)
 
 
-def flag_name(name: str) -> str:
-    """Return the command-line flag of a config field."""
-    return FIELDS[name].metadata.get("flag") or "--" + name.replace("_", "-")
+def flag_name(name: str, value=None) -> str:
+    """Return the command-line flag of a config field; ``--no-...`` for a boolean set False."""
+    flag = FIELDS[name].metadata.get("flag") or "--" + name.replace("_", "-")
+    if value is False:
+        return "--no-" + flag[2:]
+    return flag
 
 
 def require_data(config: TrainConfig) -> None:

@@ -54,6 +54,8 @@ class LoadedModel:
     config: dict
     quantized: bool
     dtype: str
+    # True when the files held quantized weights that load_model turned into float ones.
+    dequantized: bool = False
 
 
 def on_gpu() -> bool:
@@ -243,7 +245,8 @@ def load_model(spec: str, *, dtype: str = "auto", dequantize: bool | None = None
 
     if dequantize is None:
         dequantize = not on_gpu()
-    if dequantize and _is_quantized(model):
+    dequantized = dequantize and _is_quantized(model)
+    if dequantized:
         from mlx_lm.utils import dequantize_model
 
         model = dequantize_model(model)
@@ -260,4 +263,5 @@ def load_model(spec: str, *, dtype: str = "auto", dequantize: bool | None = None
         config=config,
         quantized=_is_quantized(model),
         dtype=_dtype_name(target),
+        dequantized=dequantized,
     )

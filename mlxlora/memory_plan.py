@@ -131,11 +131,13 @@ class MemoryEstimate:
     optimizer_state: int
     activations: int
     logits: int
+    # Float copies that quantized products make on a CPU (mlxlora.dequantized_matmul).
+    dequantized_copies: int = 0
 
     @property
     def total(self) -> int:
         return (self.base_weights + self.lora_weights + self.gradients + self.optimizer_state
-                + self.activations + self.logits)
+                + self.activations + self.logits + self.dequantized_copies)
 
 
 @dataclass
@@ -358,11 +360,9 @@ def estimate_method(layout: ModelLayout, settings: PlanSettings, method: str,
 
     trainable = lora_parameters(layout, settings.targets, settings.r)
     lora = trainable * LORA_BYTES
-    base = base_bytes(layout, method, quantization)
-    if method == "qlora":
-        base += dequantize_bytes(layout)
-    return MemoryEstimate(method, trainable, base, lora, lora, ADAM_MOMENTS * lora, activations,
-                          logits)
+    copies = dequantize_bytes(layout) if method == "qlora" else 0
+    return MemoryEstimate(method, trainable, base_bytes(layout, method, quantization), lora,
+                          lora, ADAM_MOMENTS * lora, activations, logits, copies)
 
 
 def memory_limit() -> tuple[int, str]:
@@ -468,6 +468,9 @@ def _format_count(count: int) -> str:
     return f"{count:,}"
 
 
+# Rows whose zero means "not part of this method", shown as "-".
+OPTIONAL_ROWS = ("lora_weights", "dequantized_copies")
+
 ROWS = (
     ("trained parameters", "trainable_parameters", _format_count),
     ("base weights", "base_weights", format_bytes),
@@ -476,6 +479,7 @@ ROWS = (
     ("AdamW state", "optimizer_state", format_bytes),
     ("activations", "activations", format_bytes),
     ("logits and loss", "logits", format_bytes),
+    ("dequantized copies", "dequantized_copies", format_bytes),
     ("total", "total", format_bytes),
 )
 
@@ -492,7 +496,9 @@ def describe_plan(plan: MemoryPlan) -> list[str]:
     lines.append(f"  {'':<20}" + "".join(f"{t:>13}" for t in titles))
     for label, name, formatter in ROWS:
         values = [getattr(plan.estimates[m], name) for m in METHODS]
-        cells = [formatter(v) if v or name != "lora_weights" else "-" for v in values]
+        if name == "dequantized_copies" and not any(values):
+            continue
+        cells = [formatter(v) if v or name not in OPTIONAL_ROWS else "-" for v in values]
         lines.append(f"  {label:<20}" + "".join(f"{c:>13}" for c in cells))
     verdicts = ["yes" if plan.fits(m) else "no" for m in METHODS]
     lines.append(f"  {'fits':<20}" + "".join(f"{v:>13}" for v in verdicts))

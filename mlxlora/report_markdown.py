@@ -97,10 +97,19 @@ def speed_memory_lines(run: Run) -> list[str]:
         memory += f"; the plan estimated {plan:.2f} GB"
     lines.append(memory + ".")
     if run.summary:
-        base = "quantized (QLoRA)" if run.summary.get("quantized_base") else "not quantized"
-        lines.append(f"- Base weights: {run.summary.get('dtype', '?')}, {base}. Processes: "
+        lines.append(f"- Base weights: {base_weights_text(run.summary)}. Processes: "
                      f"{run.summary.get('processes', 1)}.")
     return lines
+
+
+def base_weights_text(summary: dict) -> str:
+    """Describe the base weights: quantized (QLoRA), dequantized from a quantized file, or float."""
+    dtype = summary.get("dtype", "?")
+    if summary.get("quantized_base"):
+        return f"quantized (QLoRA), computed in {dtype}"
+    if summary.get("dequantized_base"):
+        return f"{dtype}, dequantized from the quantized model files"
+    return f"{dtype}, not quantized"
 
 
 def data_lines(run: Run) -> list[str]:

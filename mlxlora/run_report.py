@@ -74,6 +74,7 @@ def write_run_summary(session) -> None:
         "model_type": model_type,
         "hidden_size": hidden_size,
         "quantized_base": loaded.quantized,
+        "dequantized_base": loaded.dequantized,
         "dtype": loaded.dtype,
         "parameters": {"total": total, "trainable": trainable},
         "lora_modules": len(session.spec.target_modules),

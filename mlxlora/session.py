@@ -177,6 +177,16 @@ def log_parameters(model: nn.Module, spec: AdapterSpec) -> None:
                 100 * trainable / base, trainable * 8 / 1e6, base * 8 / 1e6, saved_bytes / 1e6)
 
 
+def base_weights_note(loaded: LoadedModel) -> str:
+    """Return the model log line's note on quantization: kept (QLoRA), dequantized, or none."""
+    if loaded.quantized:
+        return ", quantized base: QLoRA"
+    if loaded.dequantized:
+        return (f", quantized weights dequantized to {loaded.dtype}; --no-dequantize keeps "
+                "them quantized (QLoRA)")
+    return ""
+
+
 def prepare_session(resolved: ResolvedConfig, run_dir: Path, group=None) -> Session:
     config = resolved.config
     world = group.size() if group else 1
@@ -185,7 +195,7 @@ def prepare_session(resolved: ResolvedConfig, run_dir: Path, group=None) -> Sess
     loaded = load_model(config.model, dtype=config.dtype, dequantize=config.dequantize,
                         trust_remote_code=config.trust_remote_code)
     logger.info("model: %s (%s, %s%s)", config.model, loaded.config.get("model_type"),
-                loaded.dtype, ", quantized base: QLoRA" if loaded.quantized else "")
+                loaded.dtype, base_weights_note(loaded))
 
     train_split, valid_split = load_splits(config, loaded.tokenizer)
     spec = attach_adapter(config, loaded)

@@ -28,6 +28,12 @@ def test_flag_overrides_recipe_overrides_default(tmp_path):
     assert resolved.sources["seed"] == "default"
 
 
+def test_false_boolean_flag_source_names_no_flag():
+    resolved = resolve_config(None, {"dequantize": False, "grad_checkpoint": True})
+    assert resolved.sources["dequantize"] == "flag --no-dequantize"
+    assert resolved.sources["grad_checkpoint"] == "flag --grad-checkpoint"
+
+
 def test_unknown_keys_all_reported_with_suggestion(tmp_path):
     recipe = write_recipe(tmp_path, "rank: 8\nlearnig_rate: 1e-3\n")
     with pytest.raises(ConfigError) as error:

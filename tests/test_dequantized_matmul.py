@@ -14,7 +14,7 @@ from mlxlora.dequantized_matmul import (DequantizedMatmulEmbedding, DequantizedM
 from mlxlora.loading import LoadedModel
 from mlxlora.lora import LoRALinear
 from mlxlora.output_head import find_output_head
-from mlxlora.session import attach_adapter
+from mlxlora.session import attach_adapter, base_weights_note
 from mlxlora.step import TrainStep
 from mlxlora.testing.tiny import make_model, make_tokenizer
 
@@ -152,3 +152,15 @@ def test_session_keeps_quantized_matmul_on_a_gpu(monkeypatch):
 
     q_proj = loaded.model.model.layers[0].self_attn.q_proj
     assert type(q_proj.base) is nn.QuantizedLinear
+
+
+def test_model_log_names_quantization():
+    quantized = loaded_quantized_model()
+    dequantized = LoadedModel(make_model(), make_tokenizer(), "tiny", None, {}, False,
+                              "float32", dequantized=True)
+    plain = LoadedModel(make_model(), make_tokenizer(), "tiny", None, {}, False, "float32")
+
+    assert base_weights_note(quantized) == ", quantized base: QLoRA"
+    assert "dequantized to float32" in base_weights_note(dequantized)
+    assert "--no-dequantize" in base_weights_note(dequantized)
+    assert base_weights_note(plain) == ""

@@ -247,6 +247,9 @@ def test_dequantize_false_keeps_quantized_modules(quantized_folder):
 
     modules = modules_of(quantized.model)
     assert quantized.quantized is True
+    assert quantized.dequantized is False
+    assert dequantized.quantized is False
+    assert dequantized.dequantized is True
     assert quantized.config["quantization"] == {"group_size": 32, "bits": 8}
     assert isinstance(modules["model.layers.1.mlp.down_proj"], nn.QuantizedLinear)
     assert isinstance(modules["model.embed_tokens"], nn.QuantizedEmbedding)

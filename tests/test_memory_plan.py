@@ -103,19 +103,24 @@ def test_lora_bytes_of_quantized_model():
     assert base_bytes(describe_model(quantized, TINY_CONFIG), "lora") == float_bytes
 
 
-@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
-def test_qlora_counts_dequantized_copy_on_cpu(gpu, monkeypatch):
-    monkeypatch.setattr("mlxlora.memory_plan.on_gpu", lambda: gpu)
+def test_qlora_counts_dequantized_copy_on_cpu(monkeypatch):
     quantized = make_model()
     quantize_divisible(quantized, bits=4, group_size=32)
     layout = describe_model(quantized, TINY_CONFIG)
     largest = max(m.out_features * m.in_features for m in layout.matrices)
+    plan_settings = settings(resolve_targets(quantized, ["all-linear"]))
 
-    targets = resolve_targets(quantized, ["all-linear"])
-    estimate = estimate_method(layout, settings(targets), "qlora")
+    monkeypatch.setattr("mlxlora.memory_plan.on_gpu", lambda: True)
+    gpu = estimate_method(layout, plan_settings, "qlora")
+    monkeypatch.setattr("mlxlora.memory_plan.on_gpu", lambda: False)
+    cpu = estimate_method(layout, plan_settings, "qlora")
+    lora = estimate_method(layout, plan_settings, "lora")
 
-    copies = 0 if gpu else 2 * largest * 4
-    assert estimate.base_weights == layout.loaded_bytes + copies
+    assert gpu.dequantized_copies == 0
+    assert cpu.dequantized_copies == 2 * largest * 4
+    assert cpu.base_weights == gpu.base_weights == layout.loaded_bytes
+    assert cpu.total == gpu.total + cpu.dequantized_copies
+    assert lora.dequantized_copies == 0
 
 
 @pytest.mark.parametrize("tokens", [2, 32, 33, 34, 65, 200])
@@ -230,6 +235,25 @@ def test_describe_plan_table():
     assert lines[1].split() == ["LoRA", "*", "QLoRA", "full", "FT"]
     assert lines[-2].split() == ["fits", "yes", "yes", "yes"]
     assert "Limit: 1000.00 GB (test)" in lines[-1]
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_describe_plan_dequantized_copies_row(gpu, monkeypatch):
+    monkeypatch.setattr("mlxlora.memory_plan.on_gpu", lambda: gpu)
+    model = make_model()
+    targets = resolve_targets(model, ["all-linear"])
+    plan = plan_memory(describe_model(model, TINY_CONFIG), settings(targets), "lora",
+                       limit=(10**12, "test"))
+
+    rows = [line.split() for line in describe_plan(plan) if "dequantized copies" in line]
+
+    if gpu:
+        assert rows == []
+    else:
+        assert len(rows) == 1
+        assert rows[0][2] == "-"
+        assert rows[0][3] != "-"
+        assert rows[0][-1] == "-"
 
 
 def test_memory_limit_on_cpu():

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from mlxlora.attach import parameter_counts
 from mlxlora.commands.report import command as report_command
+from mlxlora.report_markdown import base_weights_text
 from mlxlora.config import resolve_config
 from mlxlora.errors import ConfigError
 from mlxlora.loading import LoadedModel
@@ -523,3 +524,11 @@ def test_training_writes_summary_report_and_sink(tmp_path, monkeypatch, fake_ten
     assert (run / "loss.png").read_bytes().startswith(PNG_SIGNATURE)
     assert {("val/loss", 0), ("train/loss", 1), ("train/loss", 2), ("val/loss", 2)} <= tags
     assert fake_tensorboard.writers[0].closed
+
+
+def test_base_weights_text_names_quantization():
+    assert base_weights_text({"dtype": "float32", "quantized_base": True}) == \
+        "quantized (QLoRA), computed in float32"
+    assert base_weights_text({"dtype": "float32", "dequantized_base": True}) == \
+        "float32, dequantized from the quantized model files"
+    assert base_weights_text({"dtype": "bfloat16"}) == "bfloat16, not quantized"
