@@ -96,9 +96,9 @@ def run_child(model_name: str, settings: dict) -> dict:
     """Train STEPS steps in this process; return the estimate and the measured peak."""
     from mlxlora.attach import attach_lora, resolve_targets
     from mlxlora.dequantized_matmul import use_dequantized_matmul
-    from mlxlora.loading import on_gpu
     from mlxlora.grad_checkpoint import enable_grad_checkpoint
     from mlxlora.lean_mlp import enable_lean_swiglu
+    from mlxlora.loading import on_gpu
     from mlxlora.memory_plan import PlanSettings, describe_model, estimate_method
     from mlxlora.step import TrainStep
 

@@ -4,9 +4,9 @@
 
 Builds a randomly initialised llama of the given size: mlx-lm's llama, vocabulary 32,000,
 SwiGLU width 2.75 x hidden. It attaches LoRA (r 8) to every linear layer and runs mlxlora's
-compiled training step with Adam on random tokens, once with float32 weights and once with
-the weights quantized to 4 bits in groups of 64, with the dequantized products that
-`mlxlora train --no-dequantize` uses on a CPU. Each variant runs in a fresh process. Random
+compiled training step with Adam on random tokens. The float32 variant keeps float32
+weights. The q4 variant quantizes them to 4 bits in groups of 64 and uses the dequantized
+products of `mlxlora train --no-dequantize` on a CPU. Each variant runs in a fresh process. Random
 weights have the same shapes as trained ones, so they take the same memory and time.
 """
 

@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxlora.attach import attach_lora, lora_layers
+from mlxlora.dequantized_matmul import dequantized_weight
 from mlxlora.errors import AdapterError
 from mlxlora.files import atomic_write_json, atomic_save_safetensors
 
@@ -93,8 +94,7 @@ def base_signature(model: nn.Module) -> list[float]:
 
 def embedding_matrix(module: nn.Module) -> mx.array:
     if isinstance(module, nn.QuantizedEmbedding):
-        return mx.dequantize(module.weight, module.scales, module.biases, module.group_size,
-                             module.bits).astype(mx.float32)
+        return dequantized_weight(module).astype(mx.float32)
     return module.weight.astype(mx.float32)
 
 

@@ -26,6 +26,7 @@ from mlxlora.adapters import (
     read_adapter_spec,
 )
 from mlxlora.attach import lora_layers
+from mlxlora.dequantized_matmul import dequantized_weight
 from mlxlora.errors import AdapterError, ConfigError, MlxloraError, ModelError
 from mlxlora.lora import LoRALinear, lora_scaling
 
@@ -140,9 +141,7 @@ class FuseReport:
 def float_weight(module: nn.Module) -> mx.array:
     """Return a linear layer's weight in float32, dequantizing a quantized layer."""
     if isinstance(module, nn.QuantizedLinear):
-        return mx.dequantize(module.weight, module.scales, module.get("biases"),
-                             group_size=module.group_size, bits=module.bits,
-                             mode=module.mode).astype(mx.float32)
+        return dequantized_weight(module).astype(mx.float32)
     return module.weight.astype(mx.float32)
 
 

@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxlora.dequantized_matmul import (DequantizedMatmulEmbedding, DequantizedMatmulLinear,
-                                        float_weight)
+                                        dequantized_weight)
 
 logger = logging.getLogger("mlxlora")
 
@@ -53,7 +53,7 @@ class ProjectionMatrix:
         With a copy for each, the loss of 1,327 rows on a 49k x 576 head peaked 112 MB higher.
         """
         if isinstance(self.module, DEQUANTIZING):
-            return ProjectionMatrix({"weight": float_weight(self.module)})
+            return ProjectionMatrix({"weight": dequantized_weight(self.module)})
         return self
 
     def logits(self, hidden: mx.array) -> mx.array:

@@ -51,7 +51,7 @@ def test_linear_matches_quantized_matmul(bits, bias):
     np.testing.assert_allclose(actual[1], expected[1], **TOLERANCE)
 
 
-def test_product_without_transpose_matches_quantized_matmul():
+def test_untransposed_product_matches():
     layer = quantized_linear(4, bias=False)
     x = mx.random.normal((7, 48), key=mx.random.key(2))
     expected = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=False,
@@ -103,7 +103,7 @@ def train_losses(model, steps=3) -> list[float]:
     return losses
 
 
-def test_tied_head_keeps_the_fused_loss():
+def test_tied_head_keeps_fused_loss():
     model = quantized_tied_model()
     use_dequantized_matmul(model)
 
@@ -135,7 +135,7 @@ def loaded_quantized_model() -> LoadedModel:
     return LoadedModel(model, make_tokenizer(), "tiny", None, config, True, "float32")
 
 
-def test_session_uses_it_on_a_cpu(monkeypatch):
+def test_session_uses_product_on_cpu(monkeypatch):
     monkeypatch.setattr("mlxlora.session.on_gpu", lambda: False)
     loaded = loaded_quantized_model()
     attach_adapter(TrainConfig(model="tiny", r=4, lora_alpha=8.0), loaded)
@@ -145,7 +145,7 @@ def test_session_uses_it_on_a_cpu(monkeypatch):
     assert type(q_proj.base) is DequantizedMatmulLinear
 
 
-def test_session_keeps_quantized_matmul_on_a_gpu(monkeypatch):
+def test_session_keeps_kernel_on_gpu(monkeypatch):
     monkeypatch.setattr("mlxlora.session.on_gpu", lambda: True)
     loaded = loaded_quantized_model()
     attach_adapter(TrainConfig(model="tiny", r=4, lora_alpha=8.0), loaded)
